@@ -1,0 +1,27 @@
+"""stabmon: a training-stability monitor for PyTorch Lightning.
+
+``import stabmon`` is light: Lightning is imported only when ``StabilityMonitor`` is
+first touched.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from stabmon._failsoft import StabmonWarning
+from stabmon.core import MonitorCore
+from stabmon.probes.capture import record_attention
+
+if TYPE_CHECKING:
+    from stabmon.callbacks.stability_monitor import StabilityMonitor
+
+__version__ = "0.1.0"
+__all__ = ["MonitorCore", "StabilityMonitor", "StabmonWarning", "record_attention"]
+
+
+def __getattr__(name: str) -> Any:
+    if name == "StabilityMonitor":
+        from stabmon.callbacks.stability_monitor import StabilityMonitor
+
+        return StabilityMonitor
+    raise AttributeError(f"module 'stabmon' has no attribute {name!r}")

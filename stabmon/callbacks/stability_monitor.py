@@ -1,0 +1,222 @@
+"""The Lightning adapter: translates Trainer hooks into calls on ``MonitorCore``."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.callbacks import Callback
+from pytorch_lightning.utilities import rank_zero_only
+from typing_extensions import override
+
+from stabmon._validation import check_bool, check_positive_int
+from stabmon.core import MonitorCore
+
+__all__ = ["StabilityMonitor"]
+
+
+class StabilityMonitor(Callback):
+    r"""Watches a training run for the signs that come before a divergence.
+
+    With no arguments it samples every 50th step: on those steps every
+    ``F.scaled_dot_product_attention`` and ``F.cross_entropy`` call of the training
+    forward is captured (no change to the model), and attention entropy, max attention
+    logit and output log-partition are computed with fused reductions. Every step, the
+    gradient norm and loss are accumulated on the device; they are read and logged every
+    ``log_every_n_steps`` steps and on sampled steps. At the end of the fit a short summary
+    is printed.
+
+    Args:
+        sample_every_n_steps: steps between sampled forwards (attention and logit probes,
+            per-layer update-to-weight ratio). Step 0 is sampled. Default 50.
+        log_every_n_steps: steps between emissions of the per-step statistics; None uses
+            the Trainer's ``log_every_n_steps``. Default None.
+        observe_only: measure, detect and report, but never act on the run. The monitor
+            takes no action yet, so this is recorded for the intervention stage. Default False.
+        attention: capture attention statistics. Default True.
+        logits: capture output-logit statistics. Default True.
+        gradients: gradient, parameter and update norms. Default True.
+        per_layer: per-layer norms in addition to the global ones. Default True.
+        log_key_prefix: prefix of every logged key. Default ``"stabmon"``.
+        verbose: print the summary at the end of the fit (rank 0). Default True.
+        strict: re-raise errors inside the monitor instead of disabling the failing part
+            and training on. Default: the ``STABMON_STRICT`` environment variable, else False.
+
+    Raises:
+        ValueError: an argument outside its allowed values (the message names it).
+
+    Logged metrics (each under ``{log_key_prefix}/``; ``<layer>`` is ``layer_00``,
+    ``layer_01``, ... in attention call order, or a parameter-group name such as
+    ``transformer_h_0`` for norms):
+
+    - ``attention/entropy_min[/<layer>]``: smallest attention entropy (nats) of any query
+      row and head in the sampled forward. A collapse towards 0 means heads attend to one key.
+    - ``attention/entropy_mean[/<layer>]``: mean attention entropy (nats) over rows and heads.
+    - ``attention/max_logit[/<layer>]``: largest pre-softmax attention score.
+    - ``logits/logz_mean``, ``logits/logz_max``: output log-partition log Z over tokens
+      (what z-loss pulls to 0); ``logits/max_logit``; ``logits/entropy_mean`` (nats);
+      ``logits/nonfinite`` (rows with NaN or inf).
+    - ``gradients/norm`` (at the emission step), ``gradients/norm_max``, ``gradients/norm_min``,
+      ``gradients/norm_mean`` (over the steps since the last emission),
+      ``gradients/nonfinite_steps``, ``gradients/norm/<layer>``.
+    - ``params/norm[/<layer>]``; ``update/ratio[/<layer>]``: ``||delta theta|| / ||theta||``
+      of the optimizer step (sampled steps).
+    - ``loss/mean``, ``loss/last``, ``loss/max``, ``loss/nonfinite_steps`` over the interval.
+
+    Example::
+
+        trainer = pl.Trainer(callbacks=[StabilityMonitor()], max_steps=1000)
+        trainer.fit(model, datamodule)
+        print(trainer.callbacks[0].latest_metrics["attention/entropy_min"])
+    """
+
+    def __init__(
+        self,
+        *,
+        sample_every_n_steps: int = 50,
+        log_every_n_steps: int | None = None,
+        observe_only: bool = False,
+        attention: bool = True,
+        logits: bool = True,
+        gradients: bool = True,
+        per_layer: bool = True,
+        log_key_prefix: str = "stabmon",
+        verbose: bool = True,
+        strict: bool | None = None,
+    ) -> None:
+        check_positive_int("sample_every_n_steps", sample_every_n_steps)
+        check_positive_int("log_every_n_steps", log_every_n_steps, allow_none=True)
+        for name, value in (("observe_only", observe_only), ("attention", attention), ("logits", logits),
+                            ("gradients", gradients), ("per_layer", per_layer), ("verbose", verbose)):
+            check_bool(name, value)
+        if strict is not None:
+            check_bool("strict", strict)
+        if not isinstance(log_key_prefix, str):
+            raise ValueError(f"`log_key_prefix` must be a str, got {log_key_prefix!r}")
+        self.sample_every_n_steps = sample_every_n_steps
+        self.log_every_n_steps = log_every_n_steps
+        self.observe_only = observe_only
+        self._probe_flags = {"attention": attention, "logits": logits, "gradients": gradients, "per_layer": per_layer}
+        self.log_key_prefix = log_key_prefix.rstrip("/")
+        self.verbose = verbose
+        self.strict = strict if strict is not None else os.environ.get("STABMON_STRICT", "") not in ("", "0")
+        self.core: MonitorCore | None = None
+        self.latest_metrics: dict[str, float] = {}
+        self._pending_state: dict[str, Any] | None = None
+        self._step_at_start: int | None = None
+
+    @property
+    @override
+    def state_key(self) -> str:
+        return self._generate_state_key(sample_every_n_steps=self.sample_every_n_steps, prefix=self.log_key_prefix)
+
+    # -- hooks ----------------------------------------------------------------------------
+    @override
+    def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
+        if stage != "fit":
+            return
+        self.core = MonitorCore(
+            pl_module,
+            sample_every_n_steps=self.sample_every_n_steps,
+            log_every_n_steps=self.log_every_n_steps or max(1, trainer.log_every_n_steps),
+            strict=self.strict,
+            **self._probe_flags,
+        )
+        if self._pending_state is not None:
+            self.core.load_state_dict(self._pending_state)
+            self._pending_state = None
+
+    @override
+    def on_train_batch_start(
+        self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", batch: Any, batch_idx: int
+    ) -> None:
+        if self.core is None:
+            return
+        self._step_at_start = trainer.global_step
+        self.core.start_step(trainer.global_step)
+
+    @override
+    def on_before_backward(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", loss: torch.Tensor) -> None:
+        if self.core is None:
+            return
+        self.core.end_forward()
+        self.core.observe_loss(loss)
+
+    @override
+    def on_before_optimizer_step(
+        self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", optimizer: torch.optim.Optimizer
+    ) -> None:
+        if self.core is None:
+            return
+        self.core.before_optimizer_step()
+
+    @override
+    def on_train_batch_end(
+        self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if self.core is None:
+            return
+        self.core.end_forward()
+        if trainer.global_step == self._step_at_start:
+            return  # accumulating gradients: the optimizer has not stepped yet
+        self.core.after_optimizer_step()
+        metrics = self.core.end_step()
+        if metrics:
+            self._emit(trainer, self._step_at_start, metrics)
+
+    @override
+    def on_train_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        if self.core is None:
+            return
+        self.core.close()
+        metrics = self.core.flush()
+        if metrics and self.core.step is not None:
+            self._emit(trainer, self.core.step, metrics)
+        if self.verbose:
+            self._print_summary()
+
+    @override
+    def on_exception(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", exception: BaseException) -> None:
+        if self.core is not None:
+            self.core.close()
+
+    @override
+    def teardown(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
+        if self.core is not None:
+            self.core.close()
+
+    # -- state ------------------------------------------------------------------------------
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return self.core.state_dict() if self.core is not None else (self._pending_state or {})
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if not state_dict:
+            return
+        if self.core is not None:
+            self.core.load_state_dict(state_dict)
+        else:
+            self._pending_state = dict(state_dict)
+
+    # -- output -----------------------------------------------------------------------------
+    def summary(self) -> str:
+        """The end-of-fit table as text."""
+        if self.core is None:
+            return "stabmon: the monitor has not been set up by a fit yet."
+        return self.core.summary.format(self.core.attention_modules)
+
+    def _emit(self, trainer: "pl.Trainer", step: int, metrics: dict[str, float]) -> None:
+        self.latest_metrics.update(metrics)
+        prefixed = {f"{self.log_key_prefix}/{key}": value for key, value in metrics.items()}
+        # Like LearningRateMonitor: straight to the loggers at our own cadence, and into
+        # callback_metrics so that ModelCheckpoint / EarlyStopping can monitor the values.
+        for logger in trainer.loggers:
+            logger.log_metrics(prefixed, step=step)
+        trainer.callback_metrics.update({k: torch.tensor(v) for k, v in prefixed.items()})
+
+    @rank_zero_only
+    def _print_summary(self) -> None:
+        print(self.summary(), flush=True)

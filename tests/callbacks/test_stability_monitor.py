@@ -1,0 +1,260 @@
+import math
+import warnings
+
+import pytest
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint
+from pytorch_lightning.loggers import CSVLogger, Logger
+
+import stabmon
+from stabmon import StabilityMonitor, StabmonWarning
+from tests.helpers import TinyLM, TinyMLP, quiet_trainer, regression_loader, token_loader
+
+
+class RecordingLogger(Logger):
+    """Keeps every log_metrics call: {step: {key: value}}."""
+
+    def __init__(self):
+        super().__init__()
+        self.by_step: dict[int, dict[str, float]] = {}
+
+    @property
+    def name(self):
+        return "recording"
+
+    @property
+    def version(self):
+        return 0
+
+    def log_hyperparams(self, params, *args, **kwargs):
+        pass
+
+    def log_metrics(self, metrics, step=None):
+        self.by_step.setdefault(step, {}).update(metrics)
+
+
+def fit(module, loader, monitor=None, max_steps=8, **trainer_kwargs):
+    callbacks = [monitor] if monitor is not None else []
+    trainer = quiet_trainer(max_steps=max_steps, callbacks=callbacks + trainer_kwargs.pop("callbacks", []), **trainer_kwargs)
+    trainer.fit(module, loader)
+    return trainer
+
+
+def stabmon_keys(metrics):
+    return {k for k in metrics if k.startswith("stabmon/")}
+
+
+def test_fit_logs_signals_at_sampled_and_log_steps(capsys):
+    pl.seed_everything(0)
+    logger = RecordingLogger()
+    monitor = StabilityMonitor(sample_every_n_steps=3, log_every_n_steps=4)
+    trainer = fit(TinyLM(layers=2), token_loader(), monitor, logger=logger)
+    steps = {s for s, m in logger.by_step.items() if stabmon_keys(m)}
+    assert steps == {0, 3, 6, 7}  # sampled: 0, 3, 6; log steps: (s + 1) % 4 == 0
+    sampled = logger.by_step[3]
+    for layer in ("layer_00", "layer_01"):
+        for name in ("entropy_min", "entropy_mean", "max_logit"):
+            assert f"stabmon/attention/{name}/{layer}" in sampled
+    for key in ("attention/entropy_min", "attention/max_logit", "logits/logz_mean", "logits/logz_max",
+                "logits/max_logit", "logits/entropy_mean", "gradients/norm", "gradients/norm/model_blocks_0",
+                "params/norm", "update/ratio", "update/ratio/model_blocks_1", "loss/mean"):
+        assert f"stabmon/{key}" in sampled, key
+    # not sampled: interval statistics only, no attention or logits
+    assert not any("attention" in k or "logits" in k for k in logger.by_step[7])
+    assert "stabmon/gradients/norm_max" in logger.by_step[7]
+    # sane values: entropy of causal attention over 12 keys lies in [0, log 12]
+    assert 0 < sampled["stabmon/attention/entropy_min"] <= sampled["stabmon/attention/entropy_mean"] <= math.log(12)
+    assert math.isclose(sampled["stabmon/logits/entropy_mean"], sampled["stabmon/logits/entropy_mean"])
+    assert sampled["stabmon/logits/logz_max"] >= sampled["stabmon/logits/logz_mean"]
+    # values also reach callback_metrics, for ModelCheckpoint / EarlyStopping
+    assert "stabmon/gradients/norm" in trainer.callback_metrics
+    # end-of-fit summary
+    out = capsys.readouterr().out
+    assert "stabmon summary, steps 0-7" in out and "layer_01 (model.blocks.1.attn)" in out and "log Z" in out
+
+
+def test_loss_mean_over_the_interval_matches_the_training_losses():
+    losses = []
+
+    class Spy(TinyLM):
+        def training_step(self, batch, batch_idx):
+            loss = super().training_step(batch, batch_idx)
+            losses.append(loss.item())
+            return loss
+
+    logger = RecordingLogger()
+    fit(Spy(), token_loader(), StabilityMonitor(sample_every_n_steps=100, log_every_n_steps=4), logger=logger, max_steps=8)
+    # step 0 is sampled and emits; the next interval is steps 1-3
+    assert math.isclose(logger.by_step[0]["stabmon/loss/mean"], losses[0], rel_tol=1e-6)
+    assert math.isclose(logger.by_step[3]["stabmon/loss/mean"], sum(losses[1:4]) / 3, rel_tol=1e-6)
+    assert math.isclose(logger.by_step[7]["stabmon/loss/mean"], sum(losses[4:8]) / 4, rel_tol=1e-6)
+    assert math.isclose(logger.by_step[7]["stabmon/loss/last"], losses[7], rel_tol=1e-6)
+
+
+def test_observe_only_leaves_training_bit_identical():
+    def run(with_monitor):
+        pl.seed_everything(7)
+        module = TinyLM(layers=2, kv_heads=2)
+        monitor = StabilityMonitor(sample_every_n_steps=1, observe_only=True, verbose=False) if with_monitor else None
+        fit(module, token_loader(seed=3), monitor, max_steps=6)
+        return [p.detach().clone() for p in module.parameters()]
+
+    plain, watched = run(False), run(True)
+    assert all(torch.equal(a, b) for a, b in zip(plain, watched))
+
+
+def test_nothing_is_installed_on_steps_that_are_not_sampled():
+    seen = []
+
+    class Spy(TinyLM):
+        def training_step(self, batch, batch_idx):
+            modes = torch.overrides._get_current_function_mode_stack()
+            hooks = sum(len(m._forward_pre_hooks) + len(m._forward_hooks) for m in self.modules())
+            seen.append((self.global_step, len(modes), hooks, stabmon.probes.capture.active_capture() is not None))
+            return super().training_step(batch, batch_idx)
+
+    fit(Spy(), token_loader(), StabilityMonitor(sample_every_n_steps=3, verbose=False), max_steps=6)
+    for step, modes, hooks, active in seen:
+        if step % 3:
+            assert (modes, hooks, active) == (0, 0, False), step
+        else:
+            assert modes == 1 and hooks > 0 and active, step
+
+
+def test_model_without_attention_or_cross_entropy_trains_and_reports_once():
+    logger = RecordingLogger()
+    with pytest.warns(StabmonWarning) as record:
+        fit(TinyMLP(), regression_loader(), StabilityMonitor(sample_every_n_steps=2), logger=logger, max_steps=6)
+    messages = [str(w.message) for w in record if issubclass(w.category, StabmonWarning)]
+    assert sum("scaled_dot_product_attention" in m for m in messages) == 1
+    assert sum("cross_entropy" in m for m in messages) == 1
+    logged = set().union(*logger.by_step.values())
+    assert "stabmon/gradients/norm" in logged and not any("attention" in k for k in logged)
+
+
+def test_partly_frozen_model_and_missing_gradients():
+    # net[0] frozen; a callback before the monitor drops every gradient: reported once, no crash.
+    module = TinyMLP()
+    module.net[0].requires_grad_(False)
+    monitor = StabilityMonitor(sample_every_n_steps=2, verbose=False, attention=False, logits=False)
+    with pytest.warns(StabmonWarning, match="no trainable parameter had a gradient") as record:
+        trainer = quiet_trainer(max_steps=4, callbacks=[_DropGrads(), monitor])
+        trainer.fit(module, regression_loader())
+    assert sum("gradient" in str(w.message) for w in record) == 1
+    assert monitor.core.gradients.names == ["net.2.weight", "net.2.bias"]
+
+
+class _DropGrads(pl.Callback):
+    """Clears gradients before the optimizer step: the monitor must cope with none."""
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        for p in pl_module.parameters():
+            p.grad = None
+
+
+def test_nan_loss_is_counted_and_training_does_not_crash():
+    class NaNAtStep3(TinyMLP):
+        def training_step(self, batch, batch_idx):
+            loss = super().training_step(batch, batch_idx)
+            return loss * float("nan") if self.global_step == 3 else loss
+
+    logger = RecordingLogger()
+    fit(NaNAtStep3(), regression_loader(), StabilityMonitor(sample_every_n_steps=100, log_every_n_steps=5, verbose=False),
+        logger=logger, max_steps=8)
+    # the NaN gradient of step 3 makes the weights NaN, so step 4 is non-finite as well
+    assert logger.by_step[4]["stabmon/loss/nonfinite_steps"] == 2
+    assert logger.by_step[4]["stabmon/gradients/nonfinite_steps"] == 2
+    assert math.isfinite(logger.by_step[4]["stabmon/loss/mean"])  # steps 1-2 only
+    assert logger.by_step[7]["stabmon/loss/nonfinite_steps"] == 3
+
+
+def test_gradient_accumulation_samples_once_per_optimizer_step():
+    logger = RecordingLogger()
+    fit(TinyLM(), token_loader(), StabilityMonitor(sample_every_n_steps=2, log_every_n_steps=2, verbose=False),
+        logger=logger, max_steps=4, accumulate_grad_batches=2)
+    assert {s for s, m in logger.by_step.items() if stabmon_keys(m)} == {0, 1, 2, 3}
+    assert "stabmon/attention/entropy_min" in logger.by_step[2]
+
+
+def test_a_failing_probe_is_disabled_and_training_goes_on(monkeypatch):
+    import stabmon.probes.attention as attention_module
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("kernel bug")
+
+    monkeypatch.setattr(attention_module, "attention_stats", broken)
+    logger = RecordingLogger()
+    module = TinyLM()
+    with pytest.warns(StabmonWarning, match="attention probe disabled.*kernel bug"):
+        fit(module, token_loader(), StabilityMonitor(sample_every_n_steps=1, strict=False, verbose=False),
+            logger=logger, max_steps=3)
+    logged = set().union(*logger.by_step.values())
+    assert "stabmon/logits/logz_mean" in logged and not any("attention" in k for k in logged)
+
+
+def test_strict_mode_reraises(monkeypatch):
+    import stabmon.probes.attention as attention_module
+
+    monkeypatch.setattr(attention_module, "attention_stats", lambda *a, **k: 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        fit(TinyLM(), token_loader(), StabilityMonitor(sample_every_n_steps=1, strict=True, verbose=False), max_steps=1)
+
+
+def test_works_next_to_stock_callbacks_and_csv_logger(tmp_path):
+    logger = CSVLogger(tmp_path)
+    trainer = fit(
+        TinyLM(), token_loader(), StabilityMonitor(sample_every_n_steps=2, verbose=False), logger=logger, max_steps=4,
+        callbacks=[ModelCheckpoint(dirpath=tmp_path, monitor="stabmon/gradients/norm", mode="min"),
+                   LearningRateMonitor()],
+        enable_checkpointing=True,
+    )
+    header = (tmp_path / "lightning_logs" / "version_0" / "metrics.csv").read_text().splitlines()[0]
+    assert "stabmon/attention/entropy_min/layer_00" in header and "lr-SGD" in header
+    assert trainer.checkpoint_callback.best_model_path
+
+
+def test_state_dict_round_trip(tmp_path):
+    monitor = StabilityMonitor(sample_every_n_steps=2, verbose=False)
+    fit(TinyLM(), token_loader(), monitor, max_steps=4)
+    state = monitor.state_dict()
+    path = tmp_path / "state.pt"
+    torch.save(state, path)
+    loaded = torch.load(path, weights_only=True)
+    fresh = StabilityMonitor(sample_every_n_steps=2, verbose=False)
+    fresh.load_state_dict(loaded)
+    assert fresh.state_dict() == state  # before setup: kept until the fit starts
+    fit(TinyLM(), token_loader(), fresh, max_steps=2)
+    assert fresh.core.summary.first_step == 0 and fresh.core.summary.extremes.keys() >= state["summary"]["extremes"].keys()
+
+
+def test_every_hook_is_a_real_callback_hook():
+    names = [n for n in vars(StabilityMonitor) if n.startswith("on_") or n in ("setup", "teardown")]
+    assert names and all(hasattr(pl.Callback, n) for n in names)
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"sample_every_n_steps": 0}, r"`sample_every_n_steps` must be a positive int, got 0"),
+        ({"sample_every_n_steps": 2.5}, r"`sample_every_n_steps` must be a positive int, got 2.5"),
+        ({"log_every_n_steps": -1}, r"`log_every_n_steps` must be a positive int or None, got -1"),
+        ({"observe_only": "yes"}, r"`observe_only` must be True or False, got 'yes'"),
+        ({"attention": 1}, r"`attention` must be True or False, got 1"),
+        ({"log_key_prefix": 3}, r"`log_key_prefix` must be a str, got 3"),
+    ],
+)
+def test_bad_arguments_fail_at_construction(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        StabilityMonitor(**kwargs)
+
+
+def test_unknown_argument_is_rejected():
+    with pytest.raises(TypeError, match="sample_every"):
+        StabilityMonitor(sample_every=3)
+
+
+def test_no_warning_on_a_transformer():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", StabmonWarning)
+        fit(TinyLM(), token_loader(), StabilityMonitor(sample_every_n_steps=2, verbose=False), max_steps=3)

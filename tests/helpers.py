@@ -1,0 +1,98 @@
+"""Tiny models for the tests: a causal Transformer that calls SDPA and cross_entropy."""
+
+from __future__ import annotations
+
+import pytorch_lightning as pl
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, TensorDataset
+
+
+class TinyAttention(nn.Module):
+    def __init__(self, dim: int, heads: int, kv_heads: int | None = None) -> None:
+        super().__init__()
+        self.heads, self.kv_heads = heads, kv_heads or heads
+        self.head_dim = dim // heads
+        self.q = nn.Linear(dim, dim)
+        self.kv = nn.Linear(dim, 2 * self.kv_heads * self.head_dim)
+        self.out = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, c = x.shape
+        q = self.q(x).view(b, t, self.heads, self.head_dim).transpose(1, 2)
+        k, v = self.kv(x).view(b, t, 2, self.kv_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.kv_heads != self.heads)
+        return self.out(y.transpose(1, 2).reshape(b, t, c))
+
+
+class TinyTransformer(nn.Module):
+    def __init__(self, vocab: int = 32, dim: int = 16, heads: int = 4, layers: int = 2, kv_heads: int | None = None):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, dim)
+        self.blocks = nn.ModuleList(
+            nn.ModuleDict({"ln": nn.LayerNorm(dim), "attn": TinyAttention(dim, heads, kv_heads)}) for _ in range(layers)
+        )
+        self.head = nn.Linear(dim, vocab)
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        x = self.embed(idx)
+        for block in self.blocks:
+            x = x + block["attn"](block["ln"](x))
+        return self.head(x)
+
+
+class TinyLM(pl.LightningModule):
+    """Next-token prediction on random tokens with SGD (deterministic on CPU)."""
+
+    def __init__(self, lr: float = 0.1, use_cross_entropy: bool = True, **model_kwargs) -> None:
+        super().__init__()
+        self.model = TinyTransformer(**model_kwargs)
+        self.lr = lr
+        self.use_cross_entropy = use_cross_entropy
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        logits = self.model(x)
+        if self.use_cross_entropy:
+            return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
+        return (logits.logsumexp(-1) - logits.gather(-1, y.unsqueeze(-1)).squeeze(-1)).mean()
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=self.lr, momentum=0.9)
+
+
+class TinyMLP(pl.LightningModule):
+    """No attention, no cross-entropy: a regression MLP."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1))
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return F.mse_loss(self.net(x), y)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.05)
+
+
+def token_loader(n: int = 64, seq: int = 12, vocab: int = 32, batch_size: int = 8, seed: int = 0) -> DataLoader:
+    gen = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(vocab, (n, seq + 1), generator=gen)
+    return DataLoader(TensorDataset(tokens[:, :-1], tokens[:, 1:]), batch_size=batch_size)
+
+
+def regression_loader(n: int = 64, batch_size: int = 8, seed: int = 0) -> DataLoader:
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 4, generator=gen)
+    return DataLoader(TensorDataset(x, x.sum(-1, keepdim=True)), batch_size=batch_size)
+
+
+def quiet_trainer(**kwargs) -> pl.Trainer:
+    defaults = dict(
+        accelerator="cpu", devices=1, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, logger=False, log_every_n_steps=1,
+    )
+    defaults.update(kwargs)
+    return pl.Trainer(**defaults)
