@@ -46,6 +46,8 @@ __all__ = [
 # Score elements (B * H * rows * cols) held at once by the chunked path: 4M floats = 16 MB.
 DEFAULT_MAX_BLOCK_ELEMENTS = 1 << 22
 _TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+# Floor of s - max before exp in the torch paths (see attention_stats_chunked).
+_EXP_FLOOR = -80.0
 
 
 class AttentionStats(NamedTuple):
@@ -88,31 +90,35 @@ def _describe(x: object) -> str:
     return type(x).__name__
 
 
-def _mask_block(
+def _mask_block_(
+    s: torch.Tensor,
     attn_mask: torch.Tensor | None,
     is_causal: bool,
-    shape: tuple[int, int, int, int],
     q0: int,
     q1: int,
     k0: int,
     k1: int,
-    device: torch.device,
-    dtype: torch.dtype,
-) -> torch.Tensor | None:
-    """Additive mask (0 or -inf, or the user's floats) for the score block ``[q0:q1, k0:k1]``."""
+    hkv: int,
+) -> None:
+    """Apply the mask to the score block ``s = scores[..., q0:q1, k0:k1]`` in place."""
     if is_causal:
-        rows = torch.arange(q0, q1, device=device).unsqueeze(1)
-        cols = torch.arange(k0, k1, device=device).unsqueeze(0)
-        return torch.zeros((), device=device, dtype=dtype).masked_fill(cols > rows, float("-inf"))
+        if k1 - 1 <= q0:
+            return  # the whole block lies on or below the diagonal
+        # entry (i, j) is key k0 + j for query q0 + i: masked when k0 + j > q0 + i
+        above = torch.ones(q1 - q0, k1 - k0, dtype=torch.bool, device=s.device).triu_(q0 - k0 + 1)
+        s.masked_fill_(above, float("-inf"))
+        return
     if attn_mask is None:
-        return None
-    b, h, lq, lk = shape
-    # Broadcast dims stay size 1, so slicing the expanded view copies nothing.
-    block = attn_mask.expand(*attn_mask.shape[:-2], lq, lk) if attn_mask.dim() >= 2 else attn_mask.expand(lq, lk)
-    block = block[..., q0:q1, k0:k1]
+        return
+    lq_lk = attn_mask.shape[-2:] if attn_mask.dim() >= 2 else (1, attn_mask.shape[-1])
+    # Broadcast dims stay size 1: slicing copies nothing.
+    block = attn_mask.reshape(*attn_mask.shape[:-2], *lq_lk) if attn_mask.dim() < 2 else attn_mask
+    block = block[..., q0:q1 if lq_lk[0] > 1 else 1, k0:k1 if lq_lk[1] > 1 else 1]
+    block = _as_gqa(block, hkv)
     if block.dtype == torch.bool:
-        return torch.zeros(block.shape, device=device, dtype=dtype).masked_fill(~block, float("-inf"))
-    return block.to(dtype)
+        s.masked_fill_(~block, float("-inf"))
+    else:
+        s.add_(block.to(s.dtype))
 
 
 def _as_gqa(x: torch.Tensor | None, hkv: int) -> torch.Tensor | None:
@@ -160,7 +166,6 @@ def attention_stats_chunked(
 
     entropy = torch.empty(b, hkv, groups, lq, dtype=torch.float32, device=q.device)
     max_logit = torch.empty_like(entropy)
-    neg_inf = torch.tensor(float("-inf"), dtype=work_dtype, device=q.device)
     for q0 in range(0, lq, block_q):
         q1 = min(lq, q0 + block_q)
         rows = q1 - q0
@@ -172,23 +177,23 @@ def attention_stats_chunked(
         for k0 in range(0, k_end, block_k):
             k1 = min(k_end, k0 + block_k)
             s = qg[:, :, :, q0:q1] @ kg[:, :, :, k0:k1].transpose(-1, -2)  # (B, Hkv, G, rows, cols)
-            mask = _mask_block(attn_mask, is_causal, (b, h, lq, lk), q0, q1, k0, k1, q.device, work_dtype)
-            if mask is not None:
-                s = s + _as_gqa(mask, hkv)
+            _mask_block_(s, attn_mask, is_causal, q0, q1, k0, k1, hkv)
             m_new = torch.maximum(m, s.amax(dim=-1))
-            # A row with no finite score yet keeps m = -inf; shift by 0 there to avoid inf - inf.
-            m_safe = torch.where(torch.isneginf(m_new), torch.zeros_like(m_new), m_new)
-            shifted = s - m_safe.unsqueeze(-1)
-            p = torch.exp(shifted)
-            block_t = torch.where(p > 0, p * shifted, torch.zeros_like(p)).sum(-1)
-            alpha = torch.exp(torch.where(torch.isneginf(m), neg_inf, m - m_safe))
+            # A row with no finite score yet keeps m = -inf: shift it by 0 (no inf - inf).
+            m_safe = m_new.nan_to_num(neginf=0.0)
+            s.sub_(m_safe.unsqueeze(-1))  # s - m, in place: the block is the only large buffer
+            # Clamp s - m at -80: exp is many times slower on CPU where it underflows, and a
+            # term below e^-80 is invisible next to the max's e^0 anyway. Masked -inf entries
+            # become e^-80 too; a row counts as live by its max (below), not by l > 0.
+            s.clamp_(min=_EXP_FLOOR)
+            p = torch.exp(s)
             # Re-base the old sums on the new maximum: t' = alpha * (t + (m_old - m_new) * l).
-            t_rebased = torch.where(l > 0, t + (m - m_safe) * l, torch.zeros_like(t))
-            t = alpha * t_rebased + block_t
+            alpha = torch.exp(m - m_safe)
+            t = alpha * (t + (m - m_safe).nan_to_num(neginf=0.0) * l) + (p * s).sum(-1)
             l = alpha * l + p.sum(-1)  # noqa: E741
             m = m_new
-        live = l > 0
-        ent = torch.where(live, torch.log(torch.where(live, l, 1)) - t / torch.where(live, l, 1), 0)
+        live = ~torch.isneginf(m)  # l >= 1 there: the max term contributes e^0
+        ent = torch.where(live, torch.log(l) - t / l, 0)
         entropy[..., q0:q1] = ent.clamp_min(0).float()
         max_logit[..., q0:q1] = m.float()
     return AttentionStats(entropy.reshape(b, h, lq), max_logit.reshape(b, h, lq))

@@ -41,11 +41,13 @@ def _check_logits(logits: torch.Tensor) -> None:
 
 def _row_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     m = x.amax(dim=-1, keepdim=True)
-    shifted = x - m
+    # Floor x - m at -80: exp is many times slower on CPU where it underflows, and such a
+    # term (below e^-80) is invisible next to the max's e^0. -inf logits count as e^-80.
+    shifted = (x - m.nan_to_num(neginf=0.0)).clamp_(min=-80.0)
     e = torch.exp(shifted)
     l = e.sum(-1)  # noqa: E741
     log_l = torch.log(l)
-    t = torch.where(e > 0, e * shifted, torch.zeros_like(e)).sum(-1)
+    t = (e * shifted).sum(-1)
     m = m.squeeze(-1)
     return m + log_l, m, (log_l - t / l).clamp_min(0)
 
