@@ -1,0 +1,178 @@
+"""Hessian-vector products of a scalar loss with respect to a list of parameters.
+
+Two modes behind one interface, ``hvp(loss_fn, params, mode=...) -> (v -> H v)``:
+
+* ``"autograd"``: exact, by double backward. The gradient graph is built on the first
+  product and kept for the following ones (Lanczos needs tens of them). Attention runs on
+  SDPA's math backend inside the HVP's own forward, because torch's fused SDPA kernels
+  (flash, memory-efficient, and the CPU flash kernel) have no double backward.
+* ``"finite_difference"``: ``(g(theta + eps v) - g(theta - eps v)) / (2 eps)``, two
+  gradients and no double backward, so it works with any fused kernel. The step is
+  ``eps = cbrt(machine eps) * (1 + ||theta||) / ||v||``, the usual balance of truncation
+  against round-off for a central difference.
+
+Both leave the parameters (bit for bit) and their ``.grad`` as they found them, and
+neither touches the global RNG: the loss is evaluated under a forked RNG with a fixed
+seed, so dropout draws the same mask in every evaluation and the run's own random stream
+is unchanged.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
+
+import torch
+
+from stabmon._validation import check_in
+
+__all__ = ["hvp", "HVPFunction", "flat_dot", "flat_norm"]
+
+HVPFunction = Callable[[Sequence[torch.Tensor]], list[torch.Tensor]]
+LossFn = Callable[[], torch.Tensor]
+
+_MODES = ("autograd", "finite_difference")
+
+
+def flat_dot(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Inner product of two lists of tensors, in float64."""
+    return sum((x.double() * y.double()).sum() for x, y in zip(a, b))
+
+
+def flat_norm(a: Sequence[torch.Tensor]) -> torch.Tensor:
+    return flat_dot(a, a).sqrt()
+
+
+@contextlib.contextmanager
+def _isolated_rng(devices: list[torch.device], seed: int) -> Iterator[None]:
+    """Fork the global RNGs and seed them: repeatable dropout, the run's stream untouched."""
+    cuda = sorted({d.index or 0 for d in devices if d.type == "cuda"})
+    with torch.random.fork_rng(devices=cuda):
+        # Seed only the forked generators (torch.manual_seed would also reseed other GPUs).
+        torch.default_generator.manual_seed(seed)
+        for index in cuda:
+            torch.cuda.default_generators[index].manual_seed(seed)
+        yield
+
+
+@contextlib.contextmanager
+def _math_attention() -> Iterator[None]:
+    try:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+    except ImportError:  # pragma: no cover - torch without the context manager
+        yield
+        return
+    with sdpa_kernel(SDPBackend.MATH):
+        yield
+
+
+def _check_params(params: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    params = list(params)
+    if not params or not all(isinstance(p, torch.Tensor) for p in params):
+        raise ValueError("`params` must be a non-empty sequence of tensors")
+    return params
+
+
+def hvp(
+    loss_fn: LossFn,
+    params: Sequence[torch.Tensor],
+    *,
+    mode: str = "autograd",
+    rng_seed: int = 0,
+) -> HVPFunction:
+    """Return ``v -> H v`` for the Hessian ``H`` of ``loss_fn()`` with respect to ``params``.
+
+    Args:
+        loss_fn: takes no arguments and returns the scalar loss (e.g. the model on a held batch).
+        params: the tensors to differentiate by. Entries that do not require grad (frozen)
+            get a zero row and column: their part of ``H v`` is 0.
+        mode: ``"autograd"`` (exact, double backward) or ``"finite_difference"``
+            (two gradients, works where double backward does not).
+        rng_seed: seed of the forked RNG under which ``loss_fn`` runs.
+
+    Returns:
+        A function taking a list of tensors shaped like ``params`` and returning ``H v``
+        as a list of tensors of the same shapes.
+
+    Raises:
+        ValueError: an unknown ``mode`` or empty ``params``.
+
+    Example:
+        >>> w = torch.tensor([1.0, 2.0], requires_grad=True)
+        >>> hv = hvp(lambda: (w ** 3).sum(), [w])  # H = diag(6 w)
+        >>> hv([torch.tensor([1.0, 1.0])])
+        [tensor([ 6., 12.])]
+    """
+    check_in("mode", mode, _MODES)
+    params = _check_params(params)
+    if mode == "autograd":
+        return _AutogradHVP(loss_fn, params, rng_seed)
+    return _FiniteDifferenceHVP(loss_fn, params, rng_seed)
+
+
+class _AutogradHVP:
+    def __init__(self, loss_fn: LossFn, params: list[torch.Tensor], rng_seed: int) -> None:
+        self.loss_fn, self.params, self.rng_seed = loss_fn, params, rng_seed
+        self.trainable = [i for i, p in enumerate(params) if p.requires_grad]
+        self._grads: tuple[torch.Tensor, ...] | None = None
+
+    def _gradients(self) -> tuple[torch.Tensor, ...]:
+        if self._grads is None:
+            with torch.enable_grad(), _isolated_rng([p.device for p in self.params], self.rng_seed), _math_attention():
+                loss = self.loss_fn()
+                targets = [self.params[i] for i in self.trainable]
+                self._grads = torch.autograd.grad(loss, targets, create_graph=True, allow_unused=True)
+        return self._grads
+
+    def __call__(self, v: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        grads = self._gradients()
+        used = [j for j, g in enumerate(grads) if g is not None and g.requires_grad]
+        out = [torch.zeros_like(p) for p in self.params]
+        if not used:
+            return out
+        hv = torch.autograd.grad(
+            [grads[j] for j in used],
+            [self.params[i] for i in self.trainable],
+            grad_outputs=[v[self.trainable[j]].to(grads[j].dtype) for j in used],
+            retain_graph=True,
+            allow_unused=True,
+        )
+        for j, i in enumerate(self.trainable):
+            if hv[j] is not None:
+                out[i] = hv[j].detach()
+        return out
+
+
+class _FiniteDifferenceHVP:
+    def __init__(self, loss_fn: LossFn, params: list[torch.Tensor], rng_seed: int) -> None:
+        self.loss_fn, self.params, self.rng_seed = loss_fn, params, rng_seed
+        self.trainable = [i for i, p in enumerate(params) if p.requires_grad]
+
+    def _gradient(self) -> tuple[torch.Tensor | None, ...]:
+        with torch.enable_grad(), _isolated_rng([p.device for p in self.params], self.rng_seed):
+            loss = self.loss_fn()
+            return torch.autograd.grad(loss, [self.params[i] for i in self.trainable], allow_unused=True)
+
+    @torch.no_grad()
+    def __call__(self, v: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        out = [torch.zeros_like(p) for p in self.params]
+        targets = [self.params[i] for i in self.trainable]
+        directions = [v[i].to(self.params[i].dtype) for i in self.trainable]
+        v_norm = float(flat_norm(directions))
+        if v_norm == 0 or not targets:
+            return out
+        dtype = targets[0].dtype
+        eps = torch.finfo(dtype).eps ** (1 / 3) * (1 + float(flat_norm(targets))) / v_norm
+        saved = [p.detach().clone() for p in targets]
+        try:
+            torch._foreach_add_(targets, directions, alpha=eps)
+            g_plus = self._gradient()
+            torch._foreach_add_(targets, directions, alpha=-2 * eps)
+            g_minus = self._gradient()
+        finally:
+            for p, s in zip(targets, saved):
+                p.copy_(s)  # bit-exact restore, not += eps v (which rounds)
+        for j, i in enumerate(self.trainable):
+            if g_plus[j] is not None and g_minus[j] is not None:
+                out[i] = (g_plus[j] - g_minus[j]) / (2 * eps)
+        return out
