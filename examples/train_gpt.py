@@ -55,6 +55,7 @@ class Config:
     max_steps: int = 600  # optimizer steps
     # monitor
     sample_every: int = 50  # stabmon: steps between sampled forwards
+    sharpness_every: int = 200  # stabmon: steps between sharpness estimates (about 10 steps' cost each); 0 = off
     log_every: int = 25  # steps between progress lines and logged statistics
     # run
     seed: int = 1337  # seeds the weights and the batch order
@@ -230,7 +231,8 @@ class ProgressPrinter(pl.Callback):
         print(
             f"step {step:5d} | loss {float(outputs['loss']):.4f} | attn entropy min {m.get('attention/entropy_min', math.nan):.3f}"
             f" | attn max logit {m.get('attention/max_logit', math.nan):7.2f} | logZ {m.get('logits/logz_mean', math.nan):6.2f}"
-            f" | grad norm {m.get('gradients/norm', math.nan):.3f} | {elapsed / max(1, step):.3f} s/step",
+            f" | grad norm {m.get('gradients/norm', math.nan):.3f} | sharpness {m.get('sharpness/top_eigenvalue', math.nan):6.1f}"
+            f" (EoS ratio {m.get('sharpness/eos_ratio', math.nan):.2f}) | {elapsed / max(1, step):.3f} s/step",
             flush=True,
         )
 
@@ -274,7 +276,11 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     pl.seed_everything(cfg.seed, verbose=False)
     train_loader, val_loader = make_data(cfg)
     module = GPTModule(cfg)
-    monitor = StabilityMonitor(sample_every_n_steps=cfg.sample_every, log_every_n_steps=cfg.log_every)
+    monitor = StabilityMonitor(
+        sample_every_n_steps=cfg.sample_every,
+        log_every_n_steps=cfg.log_every,
+        sharpness_every_n_steps=cfg.sharpness_every or None,
+    )
     trainer = pl.Trainer(
         max_steps=cfg.max_steps,
         accelerator="auto",

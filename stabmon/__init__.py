@@ -10,13 +10,14 @@ from typing import TYPE_CHECKING, Any
 
 from stabmon._failsoft import StabmonWarning
 from stabmon.core import MonitorCore
+from stabmon.probes.sharpness import SharpnessConfig
 from stabmon.probes.capture import record_attention
 
 if TYPE_CHECKING:
     from stabmon.callbacks.stability_monitor import StabilityMonitor
 
 __version__ = "0.1.0"
-__all__ = ["MonitorCore", "StabilityMonitor", "StabmonWarning", "record_attention"]
+__all__ = ["MonitorCore", "SharpnessConfig", "StabilityMonitor", "StabmonWarning", "record_attention"]
 
 
 def __getattr__(name: str) -> Any:

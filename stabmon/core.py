@@ -18,6 +18,7 @@ same from a hand-written loop::
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -28,6 +29,7 @@ from stabmon.probes.attention import AttentionProbe
 from stabmon.probes.capture import ForwardCapture
 from stabmon.probes.gradients import GradientProbe, LossProbe
 from stabmon.probes.logits import LogitProbe
+from stabmon.probes.sharpness import SharpnessConfig, SharpnessProbe
 from stabmon.report import RunSummary
 from stabmon.signals import AllReduce, SignalSet, torch_distributed_all_reduce
 
@@ -48,6 +50,8 @@ class MonitorCore:
         logits: capture the logits given to ``cross_entropy``. Default True.
         gradients: gradient, parameter and update norms. Default True.
         per_layer: per-layer gradient, parameter and update norms. Default True.
+        sharpness: configuration of the sharpness probe, or None (default) for none. The
+            estimate runs in ``before_optimizer_step`` when a ``loss_fn`` is given there.
         strict: re-raise errors inside the monitor instead of disabling the failing part.
             Default False (the test suite turns it on).
         all_reduce: cross-rank reduction of signals; default: torch.distributed when a
@@ -75,6 +79,7 @@ class MonitorCore:
         logits: bool = True,
         gradients: bool = True,
         per_layer: bool = True,
+        sharpness: SharpnessConfig | None = None,
         strict: bool = False,
         all_reduce: AllReduce | None = torch_distributed_all_reduce,
     ) -> None:
@@ -94,6 +99,10 @@ class MonitorCore:
         self.logits = LogitProbe() if logits else None
         self.gradients = GradientProbe(model.named_parameters()) if gradients else None
         self.loss = LossProbe()
+        if sharpness is not None and not isinstance(sharpness, SharpnessConfig):
+            raise ValueError(f"`sharpness` must be a SharpnessConfig or None, got {sharpness!r}")
+        self.sharpness = SharpnessProbe(sharpness) if sharpness is not None else None
+        self._sharpness_values: dict[str, float] = {}
         self.capture = ForwardCapture(
             on_attention=self.attention.observe if self.attention else None,
             on_logits=self.logits.observe if self.logits else None,
@@ -133,8 +142,24 @@ class MonitorCore:
         if isinstance(loss, torch.Tensor):
             self.guard.run("loss probe", self.loss.observe, loss)
 
-    def before_optimizer_step(self) -> None:
-        """Read gradients; on sampled steps snapshot parameters for the update ratio."""
+    def sharpness_due(self) -> bool:
+        """True when the sharpness probe wants an estimate at the current step."""
+        return (self.sharpness is not None and self.step is not None and "sharpness probe" not in self.guard.disabled
+                and self.sharpness.should_run(self.step))
+
+    def before_optimizer_step(
+        self,
+        loss_fn: Callable[[], torch.Tensor] | None = None,
+        optimizer: torch.optim.Optimizer | None = None,
+    ) -> None:
+        """Read gradients; on sampled steps snapshot parameters for the update ratio.
+
+        On sharpness steps, ``loss_fn`` (no arguments, the loss on a held batch) and the
+        optimizer feed the sharpness probe.
+        """
+        if loss_fn is not None and self.sharpness_due():
+            values = self.guard.run("sharpness probe", self.sharpness.measure, loss_fn, self.model, optimizer)
+            self._sharpness_values = values or {}
         if self.gradients is None or self.gradients.empty:
             return
         self.guard.run("gradient probe", self.gradients.observe)
@@ -146,7 +171,7 @@ class MonitorCore:
             self.guard.run("gradient probe", self.gradients.measure_update)
 
     def should_emit(self, step: int) -> bool:
-        return self.is_sampled(step) or (step + 1) % self.log_every_n_steps == 0
+        return self.is_sampled(step) or (step + 1) % self.log_every_n_steps == 0 or bool(self._sharpness_values)
 
     def end_step(self) -> dict[str, float] | None:
         """Finish the step. On emission steps returns the reduced signals (one host sync)."""
@@ -177,6 +202,9 @@ class MonitorCore:
         if self.sampled and self.logits is not None:
             self.logits.signals(signals, prefix="logits")
         self.loss.signals(signals, prefix="loss")
+        if self._sharpness_values:
+            SharpnessProbe.signals(self._sharpness_values, signals, _device_of(self.model))
+            self._sharpness_values = {}
         if self.gradients is not None:
             self.gradients.signals(signals, prefix="gradients", per_layer=self.per_layer)
         metrics = signals.reduce(self._all_reduce)
@@ -224,3 +252,9 @@ class MonitorCore:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.summary.load_state_dict(state["summary"])
         self.attention_modules = dict(state["attention_modules"])
+
+
+def _device_of(model: torch.nn.Module) -> torch.device:
+    for p in model.parameters():
+        return p.device
+    return torch.device("cpu")

@@ -30,6 +30,9 @@ class RunSummary:
         "gradients/norm_max": max,
         "gradients/norm_min": min,
         "update/ratio": max,
+        "sharpness/top_eigenvalue": max,
+        "sharpness/preconditioned": max,
+        "sharpness/eos_ratio": max,
     }
     _TOTAL = ("loss/nonfinite_steps", "gradients/nonfinite_steps", "logits/nonfinite")
 
@@ -117,6 +120,17 @@ class RunSummary:
                 f"  gradient norm: {_fmt(self.extremes['gradients/norm_min'])} .. {_fmt(self.extremes['gradients/norm_max'])}"
                 f", update/weight ratio max {_fmt(self.extremes.get('update/ratio'))}"
             )
+        if "sharpness/top_eigenvalue" in self.latest:
+            line = (
+                f"  sharpness: top Hessian eigenvalue now {_fmt(self.latest['sharpness/top_eigenvalue'])}"
+                f" (max {_fmt(self.extremes.get('sharpness/top_eigenvalue'))})"
+            )
+            if "sharpness/preconditioned" in self.latest:
+                line += f", Adam-preconditioned now {_fmt(self.latest['sharpness/preconditioned'])}"
+            if "sharpness/eos_ratio" in self.latest:
+                line += (f", edge-of-stability ratio now {_fmt(self.latest['sharpness/eos_ratio'])}"
+                         f" (max {_fmt(self.extremes.get('sharpness/eos_ratio'))}; 1 = the edge)")
+            lines.append(line)
         if "loss/mean" in self.latest:
             lines.append(f"  loss: {_fmt(self.first_loss)} at the first sample -> {_fmt(self.latest['loss/mean'])} now")
         lines.append(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 from typing import Any
 
 import pytorch_lightning as pl
@@ -13,6 +14,7 @@ from typing_extensions import override
 
 from stabmon._validation import check_bool, check_positive_int
 from stabmon.core import MonitorCore
+from stabmon.probes.sharpness import SharpnessConfig
 
 __all__ = ["StabilityMonitor"]
 
@@ -33,6 +35,14 @@ class StabilityMonitor(Callback):
             per-layer update-to-weight ratio). Step 0 is sampled. Default 50.
         log_every_n_steps: steps between emissions of the per-step statistics; None uses
             the Trainer's ``log_every_n_steps``. Default None.
+        sharpness_every_n_steps: steps between Hessian sharpness estimates on a held batch
+            (the first rows of the first training batch), step 0 included; None turns the
+            probe off. Default 2000 (about 0.5% of training time on the example model). The
+            loss is the module's ``sharpness_loss(batch)`` if it defines one, else its
+            ``training_step(batch, 0)`` with logging muted, run outside the training loop.
+        sharpness: the other settings of the sharpness probe (method, iterations,
+            tolerance, HVP mode, held batch size); its ``every_n_steps`` is replaced by
+            ``sharpness_every_n_steps``. Default ``SharpnessConfig()``.
         observe_only: measure, detect and report, but never act on the run. The monitor
             takes no action yet, so this is recorded for the intervention stage. Default False.
         attention: capture attention statistics. Default True.
@@ -64,6 +74,8 @@ class StabilityMonitor(Callback):
     - ``params/norm[/<layer>]``; ``update/ratio[/<layer>]``: ``||delta theta|| / ||theta||``
       of the optimizer step (sampled steps).
     - ``loss/mean``, ``loss/last``, ``loss/max``, ``loss/nonfinite_steps`` over the interval.
+    - ``sharpness/top_eigenvalue``, ``sharpness/x_lr``, ``sharpness/preconditioned`` (Adam),
+      ``sharpness/eos_ratio`` (1 = edge of stability), ``sharpness/hvps``, ``sharpness/seconds``.
 
     Example::
 
@@ -77,6 +89,8 @@ class StabilityMonitor(Callback):
         *,
         sample_every_n_steps: int = 50,
         log_every_n_steps: int | None = None,
+        sharpness_every_n_steps: int | None = 2000,
+        sharpness: SharpnessConfig | None = None,
         observe_only: bool = False,
         attention: bool = True,
         logits: bool = True,
@@ -88,6 +102,9 @@ class StabilityMonitor(Callback):
     ) -> None:
         check_positive_int("sample_every_n_steps", sample_every_n_steps)
         check_positive_int("log_every_n_steps", log_every_n_steps, allow_none=True)
+        check_positive_int("sharpness_every_n_steps", sharpness_every_n_steps, allow_none=True)
+        if sharpness is not None and not isinstance(sharpness, SharpnessConfig):
+            raise ValueError(f"`sharpness` must be a stabmon.SharpnessConfig or None, got {sharpness!r}")
         for name, value in (("observe_only", observe_only), ("attention", attention), ("logits", logits),
                             ("gradients", gradients), ("per_layer", per_layer), ("verbose", verbose)):
             check_bool(name, value)
@@ -97,6 +114,11 @@ class StabilityMonitor(Callback):
             raise ValueError(f"`log_key_prefix` must be a str, got {log_key_prefix!r}")
         self.sample_every_n_steps = sample_every_n_steps
         self.log_every_n_steps = log_every_n_steps
+        self.sharpness_every_n_steps = sharpness_every_n_steps
+        self.sharpness_config = (
+            None if sharpness_every_n_steps is None
+            else replace(sharpness or SharpnessConfig(), every_n_steps=sharpness_every_n_steps)
+        )
         self.observe_only = observe_only
         self._probe_flags = {"attention": attention, "logits": logits, "gradients": gradients, "per_layer": per_layer}
         self.log_key_prefix = log_key_prefix.rstrip("/")
@@ -106,6 +128,7 @@ class StabilityMonitor(Callback):
         self.latest_metrics: dict[str, float] = {}
         self._pending_state: dict[str, Any] | None = None
         self._step_at_start: int | None = None
+        self._held_batch: Any = None
 
     @property
     @override
@@ -121,9 +144,15 @@ class StabilityMonitor(Callback):
             pl_module,
             sample_every_n_steps=self.sample_every_n_steps,
             log_every_n_steps=self.log_every_n_steps or max(1, trainer.log_every_n_steps),
+            sharpness=self.sharpness_config,
             strict=self.strict,
             **self._probe_flags,
         )
+        if self.sharpness_config is not None and not pl_module.automatic_optimization:
+            self.core.guard.warn_once(
+                "sharpness manual", "stabmon: the sharpness probe needs automatic optimization; it is off for this run."
+            )
+            self.core.sharpness = None
         if self._pending_state is not None:
             self.core.load_state_dict(self._pending_state)
             self._pending_state = None
@@ -136,6 +165,8 @@ class StabilityMonitor(Callback):
             return
         self._step_at_start = trainer.global_step
         self.core.start_step(trainer.global_step)
+        if self.core.sharpness is not None and self._held_batch is None:
+            self._held_batch = _head_of_batch(batch, self.core.sharpness.config.batch_size)
 
     @override
     def on_before_backward(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", loss: torch.Tensor) -> None:
@@ -150,7 +181,14 @@ class StabilityMonitor(Callback):
     ) -> None:
         if self.core is None:
             return
-        self.core.before_optimizer_step()
+        loss_fn = None
+        if self._held_batch is not None and self.core.sharpness_due():
+            held = self._held_batch
+
+            def loss_fn() -> torch.Tensor:
+                return _quiet_training_step(pl_module, held)
+
+        self.core.before_optimizer_step(loss_fn=loss_fn, optimizer=optimizer)
 
     @override
     def on_train_batch_end(
@@ -220,3 +258,33 @@ class StabilityMonitor(Callback):
     @rank_zero_only
     def _print_summary(self) -> None:
         print(self.summary(), flush=True)
+
+
+def _head_of_batch(batch: Any, rows: int) -> Any:
+    """The first ``rows`` rows of every tensor in a batch (tuples, lists and dicts recursed), detached."""
+    if isinstance(batch, torch.Tensor):
+        return batch[:rows].detach().clone() if batch.dim() > 0 else batch.detach().clone()
+    if isinstance(batch, (list, tuple)):
+        items = [_head_of_batch(b, rows) for b in batch]
+        return type(batch)(*items) if hasattr(batch, "_fields") else type(batch)(items)
+    if isinstance(batch, dict):
+        return type(batch)({k: _head_of_batch(v, rows) for k, v in batch.items()})
+    return batch
+
+
+def _quiet_training_step(pl_module: "pl.LightningModule", batch: Any) -> torch.Tensor:
+    """The loss on ``batch``: ``pl_module.sharpness_loss(batch)`` when the module defines it,
+    else its ``training_step`` with the ``self.log`` calls muted."""
+    if callable(getattr(pl_module, "sharpness_loss", None)):
+        return pl_module.sharpness_loss(batch)
+    pl_module.log = lambda *args, **kwargs: None  # instance attributes shadow the methods
+    pl_module.log_dict = lambda *args, **kwargs: None
+    try:
+        out = pl_module.training_step(batch, 0)
+    finally:
+        del pl_module.log, pl_module.log_dict
+    if isinstance(out, dict):
+        out = out["loss"]
+    if not isinstance(out, torch.Tensor):
+        raise TypeError(f"training_step returned {type(out).__name__}, the sharpness probe needs the loss tensor")
+    return out

@@ -8,7 +8,7 @@ Random start vectors come from the caller's ``torch.Generator`` (or one seeded f
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 import torch
@@ -90,6 +90,7 @@ def top_eigenvalue(
     method: str = "lanczos",
     generator: torch.Generator | None = None,
     seed: int = 0,
+    callback: Callable[[int, float], None] | None = None,
 ) -> EigenEstimate:
     """Largest-magnitude eigenvalue of the Hessian behind ``hvp_fn``.
 
@@ -103,6 +104,8 @@ def top_eigenvalue(
         method: ``"lanczos"`` or ``"power"``.
         generator / seed: source of the random start vector (a fresh CPU generator seeded
             with ``seed`` when ``generator`` is None).
+        callback: called as ``callback(hvps_so_far, estimate)`` after every product (progress
+            output, convergence studies).
 
     Returns:
         ``EigenEstimate(value, hvps)`` with a ``converged`` flag.
@@ -122,16 +125,20 @@ def top_eigenvalue(
     params = list(params)
     v = random_like(params, _generator(params, generator, seed))
     v = _scale(v, 1.0 / float(flat_norm(v)))
+    report = callback or (lambda k, value: None)
     if method == "power":
-        return _power(hvp_fn, v, iters, tol)
-    return _lanczos(hvp_fn, v, iters, tol)
+        return _power(hvp_fn, v, iters, tol, report)
+    return _lanczos(hvp_fn, v, iters, tol, report)
 
 
-def _power(hvp_fn: HVPFunction, v: list[torch.Tensor], iters: int, tol: float) -> EigenEstimate:
+def _power(
+    hvp_fn: HVPFunction, v: list[torch.Tensor], iters: int, tol: float, report: Callable[[int, float], None]
+) -> EigenEstimate:
     estimate = math.nan
     for k in range(1, iters + 1):
         hv = hvp_fn(v)
         new = float(flat_dot(v, hv))  # Rayleigh quotient, v normalised
+        report(k, new)
         norm = float(flat_norm(hv))
         if norm == 0 or not math.isfinite(norm):
             return EigenEstimate(new if math.isfinite(new) else math.nan, k, norm == 0)
@@ -142,7 +149,9 @@ def _power(hvp_fn: HVPFunction, v: list[torch.Tensor], iters: int, tol: float) -
     return EigenEstimate(estimate, iters, False)
 
 
-def _lanczos(hvp_fn: HVPFunction, v: list[torch.Tensor], iters: int, tol: float) -> EigenEstimate:
+def _lanczos(
+    hvp_fn: HVPFunction, v: list[torch.Tensor], iters: int, tol: float, report: Callable[[int, float], None]
+) -> EigenEstimate:
     basis: list[list[torch.Tensor]] = [v]
     alphas: list[float] = []
     betas: list[float] = []
@@ -167,6 +176,7 @@ def _lanczos(hvp_fn: HVPFunction, v: list[torch.Tensor], iters: int, tol: float)
         evals, evecs = torch.linalg.eigh(t)
         top = int(torch.argmax(evals.abs()))
         estimate = float(evals[top])
+        report(k, estimate)
         residual = beta * abs(float(evecs[-1, top]))
         if residual <= tol * abs(estimate) or beta <= 1e-12 * max(1.0, abs(estimate)):
             return EigenEstimate(estimate, k, True)

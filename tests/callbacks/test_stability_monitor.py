@@ -84,7 +84,8 @@ def test_loss_mean_over_the_interval_matches_the_training_losses():
             return loss
 
     logger = RecordingLogger()
-    fit(Spy(), token_loader(), StabilityMonitor(sample_every_n_steps=100, log_every_n_steps=4), logger=logger, max_steps=8)
+    monitor = StabilityMonitor(sample_every_n_steps=100, log_every_n_steps=4, sharpness_every_n_steps=None)
+    fit(Spy(), token_loader(), monitor, logger=logger, max_steps=8)
     # step 0 is sampled and emits; the next interval is steps 1-3
     assert math.isclose(logger.by_step[0]["stabmon/loss/mean"], losses[0], rel_tol=1e-6)
     assert math.isclose(logger.by_step[3]["stabmon/loss/mean"], sum(losses[1:4]) / 3, rel_tol=1e-6)
@@ -114,7 +115,8 @@ def test_nothing_is_installed_on_steps_that_are_not_sampled():
             seen.append((self.global_step, len(modes), hooks, stabmon.probes.capture.active_capture() is not None))
             return super().training_step(batch, batch_idx)
 
-    fit(Spy(), token_loader(), StabilityMonitor(sample_every_n_steps=3, verbose=False), max_steps=6)
+    monitor = StabilityMonitor(sample_every_n_steps=3, sharpness_every_n_steps=None, verbose=False)
+    fit(Spy(), token_loader(), monitor, max_steps=6)
     for step, modes, hooks, active in seen:
         if step % 3:
             assert (modes, hooks, active) == (0, 0, False), step

@@ -136,3 +136,10 @@ def test_bad_arguments(kwargs, match):
         top_eigenvalue(fn, params, **kwargs)
     with pytest.raises(ValueError, match="`samples`"):
         hessian_trace(fn, params, samples=0)
+
+
+def test_callback_sees_every_product():
+    fn, params, _ = quadratic([4.0, 1.0, 0.5, 0.2, 0.1])
+    seen = []
+    est = top_eigenvalue(fn, params, iters=10, tol=1e-9, callback=lambda k, v: seen.append((k, v)))
+    assert [k for k, _ in seen] == list(range(1, est.hvps + 1)) and seen[-1][1] == est.value
