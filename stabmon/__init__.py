@@ -10,6 +10,8 @@ from typing import TYPE_CHECKING, Any
 
 from stabmon._failsoft import StabmonWarning
 from stabmon.core import MonitorCore
+from stabmon.detectors import DetectionConfig, Finding
+from stabmon.interventions import Action, InterventionConfig
 from stabmon.probes.sharpness import SharpnessConfig
 from stabmon.probes.capture import record_attention
 
@@ -17,7 +19,17 @@ if TYPE_CHECKING:
     from stabmon.callbacks.stability_monitor import StabilityMonitor
 
 __version__ = "0.1.0"
-__all__ = ["MonitorCore", "SharpnessConfig", "StabilityMonitor", "StabmonWarning", "record_attention"]
+__all__ = [
+    "Action",
+    "DetectionConfig",
+    "Finding",
+    "InterventionConfig",
+    "MonitorCore",
+    "SharpnessConfig",
+    "StabilityMonitor",
+    "StabmonWarning",
+    "record_attention",
+]
 
 
 def __getattr__(name: str) -> Any:

@@ -23,7 +23,12 @@ from typing import Any
 
 import torch
 
+import logging
+
 from stabmon._failsoft import FailSoft
+from stabmon.detectors import DetectionConfig, Finding
+from stabmon.interventions import Action, EscalationPolicy, InterventionConfig, LRController, Snapshotter
+from stabmon.interventions.lr import scale_lr_for_next_step
 from stabmon._validation import check_bool, check_positive_int
 from stabmon.probes.attention import AttentionProbe
 from stabmon.probes.capture import ForwardCapture
@@ -34,6 +39,8 @@ from stabmon.report import RunSummary
 from stabmon.signals import AllReduce, SignalSet, torch_distributed_all_reduce
 
 __all__ = ["MonitorCore"]
+
+log = logging.getLogger("stabmon")
 
 
 class MonitorCore:
@@ -52,6 +59,11 @@ class MonitorCore:
         per_layer: per-layer gradient, parameter and update norms. Default True.
         sharpness: configuration of the sharpness probe, or None (default) for none. The
             estimate runs in ``before_optimizer_step`` when a ``loss_fn`` is given there.
+        detection: thresholds of the detectors, or None for no detection. Default
+            ``DetectionConfig()``.
+        intervention: the escalation ladder, or None for no intervention. Default
+            ``InterventionConfig()``. Actions need the optimizer in ``before_optimizer_step``.
+        observe_only: detect and report, but never act. Default False.
         strict: re-raise errors inside the monitor instead of disabling the failing part.
             Default False (the test suite turns it on).
         all_reduce: cross-rank reduction of signals; default: torch.distributed when a
@@ -65,8 +77,9 @@ class MonitorCore:
         >>> loss = torch.nn.functional.cross_entropy(model(torch.ones(2, 4)), torch.tensor([0, 1]))
         >>> core.end_forward(); core.observe_loss(loss); loss.backward()
         >>> core.before_optimizer_step(); core.after_optimizer_step()
-        >>> sorted(core.end_step())[:3]
-        ['gradients/nonfinite_steps', 'gradients/norm', 'gradients/norm/bias']
+        >>> metrics = core.end_step()
+        >>> "gradients/norm/bias" in metrics, metrics["findings/critical"], core.actions_taken
+        (True, 0.0, [])
     """
 
     def __init__(
@@ -80,13 +93,16 @@ class MonitorCore:
         gradients: bool = True,
         per_layer: bool = True,
         sharpness: SharpnessConfig | None = None,
+        detection: DetectionConfig | None = DetectionConfig(),
+        intervention: InterventionConfig | None = InterventionConfig(),
+        observe_only: bool = False,
         strict: bool = False,
         all_reduce: AllReduce | None = torch_distributed_all_reduce,
     ) -> None:
         check_positive_int("sample_every_n_steps", sample_every_n_steps)
         check_positive_int("log_every_n_steps", log_every_n_steps)
         for name, value in (("attention", attention), ("logits", logits), ("gradients", gradients),
-                            ("per_layer", per_layer), ("strict", strict)):
+                            ("per_layer", per_layer), ("strict", strict), ("observe_only", observe_only)):
             check_bool(name, value)
         self.model = model
         self.sample_every_n_steps = sample_every_n_steps
@@ -103,6 +119,24 @@ class MonitorCore:
             raise ValueError(f"`sharpness` must be a SharpnessConfig or None, got {sharpness!r}")
         self.sharpness = SharpnessProbe(sharpness) if sharpness is not None else None
         self._sharpness_values: dict[str, float] = {}
+        if detection is not None and not isinstance(detection, DetectionConfig):
+            raise ValueError(f"`detection` must be a DetectionConfig or None, got {detection!r}")
+        if intervention is not None and not isinstance(intervention, InterventionConfig):
+            raise ValueError(f"`intervention` must be an InterventionConfig or None, got {intervention!r}")
+        self.observe_only = observe_only
+        self.detectors = detection.build() if detection is not None else None
+        self.policy = EscalationPolicy(intervention) if intervention is not None else None
+        self.lr_control = LRController()
+        self.snapshots = Snapshotter(intervention.snapshot_dir) if intervention is not None else None
+        self.findings: list[Finding] = []
+        self.actions_taken: list[Action] = []
+        self.stop_reason: str | None = None
+        self._optimizer: torch.optim.Optimizer | None = None
+        self._step_loss: torch.Tensor | None = None
+        self._last_finding_step = -(10**9)
+        self._restore_lr = lambda: None
+        self._interval_findings = {"warning": 0, "critical": 0}
+        self._interval_actions = 0
         self.capture = ForwardCapture(
             on_attention=self.attention.observe if self.attention else None,
             on_logits=self.logits.observe if self.logits else None,
@@ -140,6 +174,7 @@ class MonitorCore:
 
     def observe_loss(self, loss: torch.Tensor | None) -> None:
         if isinstance(loss, torch.Tensor):
+            self._step_loss = loss.detach()
             self.guard.run("loss probe", self.loss.observe, loss)
 
     def sharpness_due(self) -> bool:
@@ -160,15 +195,76 @@ class MonitorCore:
         if loss_fn is not None and self.sharpness_due():
             values = self.guard.run("sharpness probe", self.sharpness.measure, loss_fn, self.model, optimizer)
             self._sharpness_values = values or {}
-        if self.gradients is None or self.gradients.empty:
-            return
-        self.guard.run("gradient probe", self.gradients.observe)
-        if self.sampled:
+        grad_norm = None
+        if self.gradients is not None and not self.gradients.empty:
+            grad_norm = self.guard.run("gradient probe", self.gradients.observe)
+        if optimizer is not None:
+            self._optimizer = optimizer
+        if self.detectors is not None:
+            self.guard.run("detection", self._detect_step, grad_norm, optimizer)
+        if self.sampled and self.gradients is not None and not self.gradients.empty:
             self.guard.run("gradient probe", self.gradients.snapshot_parameters)
+        if optimizer is not None and not self.observe_only and self.step is not None:
+            self._restore_lr = scale_lr_for_next_step(optimizer, self.lr_control.factor(self.step))
+
+    # -- detection and intervention ---------------------------------------------------------
+    def _detect_step(self, grad_norm: torch.Tensor | None, optimizer: torch.optim.Optimizer | None) -> None:
+        """Per-step detectors on the loss and gradient norm: one small reduction, one host read."""
+        signals = SignalSet()
+        if self._step_loss is not None:
+            signals.add_mean("loss/last", self._step_loss.float(), torch.ones((), device=self._step_loss.device))
+        if grad_norm is not None:
+            signals.add_max("gradients/norm", grad_norm)
+        values = signals.reduce(self._all_reduce)
+        self._step_loss = None
+        findings = self.detectors.on_step(self.step, values)
+        self._handle(findings, optimizer, before_step=True)
+
+    def _handle(self, findings: list[Finding], optimizer: torch.optim.Optimizer | None, before_step: bool) -> None:
+        step = self.step
+        for f in findings:
+            self.findings.append(f)
+            self._interval_findings[f.severity] = self._interval_findings.get(f.severity, 0) + 1
+            self._last_finding_step = step
+            log.warning("stabmon step %d: %s [%s]", step, f.message, f.severity)
+        if self.policy is None or self.observe_only:
+            return
+        decision = self.policy.decide(step, findings, lr_reduced=self.lr_control.active(step),
+                                      snapshot_available=bool(self.snapshots and self.snapshots.available))
+        cfg = self.policy.config
+        if decision.rollback and self.snapshots is not None:
+            restored = self.snapshots.restore(self.model, optimizer or self._optimizer)
+            self.detectors.quiet_until(step + cfg.grace_steps)
+            log.warning("stabmon step %d: rolled back to the snapshot of step %d", step, restored)
+        if decision.scale_lr is not None:
+            self.lr_control.scale(step, decision.scale_lr, cfg.lr_hold, cfg.lr_recover)
+        if decision.rewarm:
+            self.lr_control.rewarm(step, cfg.rewarm_start, cfg.rewarm_steps)
+            self.detectors.quiet_until(step + cfg.grace_steps)
+        if decision.skip_step and before_step:
+            for p in self.model.parameters():
+                p.grad = None  # torch optimizers leave parameters and state alone without a grad
+        if decision.stop:
+            self.stop_reason = decision.actions[-1].detail if decision.actions else "stop"
+        for action in decision.actions:
+            self.actions_taken.append(action)
+            self._interval_actions += 1
+            log.warning("stabmon step %d: action %s: %s", step, action.name, action.detail)
+
+    def _maybe_snapshot(self) -> None:
+        cfg = self.policy.config
+        step = self.step
+        healthy = step - self._last_finding_step > cfg.cooldown and not self.policy.skipping(step)
+        if cfg.rollback and healthy and step % cfg.snapshot_every_n_steps == 0:
+            self.snapshots.take(step, self.model, self._optimizer)
 
     def after_optimizer_step(self) -> None:
+        self._restore_lr()  # normally done by the step post-hook already
+        self._restore_lr = lambda: None
         if self.gradients is not None and self.sampled:
             self.guard.run("gradient probe", self.gradients.measure_update)
+        if self.policy is not None and not self.observe_only and self.step is not None:
+            self.guard.run("snapshot", self._maybe_snapshot)
 
     def should_emit(self, step: int) -> bool:
         return self.is_sampled(step) or (step + 1) % self.log_every_n_steps == 0 or bool(self._sharpness_values)
@@ -183,8 +279,23 @@ class MonitorCore:
             self._checked_missing = True
             self._report_missing()
         metrics = self.guard.run("signals", self._collect) or {}
+        if self.detectors is not None and metrics:
+            self.guard.run("detection", lambda: self._handle(self.detectors.on_sample(step, metrics), None, False))
+        metrics.update(self._action_metrics())
         self.summary.update(step, metrics)
         return metrics
+
+    def _action_metrics(self) -> dict[str, float]:
+        """Host values, the same on every rank: no reduction needed."""
+        out = {
+            "actions/lr_factor": self.lr_control.factor(self.step) if self.step is not None else 1.0,
+            "actions/count": float(self._interval_actions),
+            "findings/warning": float(self._interval_findings.get("warning", 0)),
+            "findings/critical": float(self._interval_findings.get("critical", 0)),
+        }
+        self._interval_actions = 0
+        self._interval_findings = {"warning": 0, "critical": 0}
+        return out
 
     def flush(self) -> dict[str, float] | None:
         """Emit what the steps since the last emission accumulated (call at the end of a run)."""
@@ -247,11 +358,31 @@ class MonitorCore:
 
     # -- checkpointing ----------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        return {"version": 1, "summary": self.summary.state_dict(), "attention_modules": dict(self.attention_modules)}
+        """Primitives only (a checkpoint can be read with ``weights_only=True``); no secrets."""
+        return {
+            "version": 1,
+            "summary": self.summary.state_dict(),
+            "attention_modules": dict(self.attention_modules),
+            "detectors": self.detectors.state_dict() if self.detectors is not None else None,
+            "policy": self.policy.state_dict() if self.policy is not None else None,
+            "lr_control": self.lr_control.state_dict(),
+            "last_finding_step": self._last_finding_step,
+            "findings": [f.to_dict() for f in self.findings[-1000:]],
+            "actions": [a.to_dict() for a in self.actions_taken[-1000:]],
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Load what ``state_dict`` wrote; the argument is not modified."""
         self.summary.load_state_dict(state["summary"])
         self.attention_modules = dict(state["attention_modules"])
+        if self.detectors is not None and state.get("detectors") is not None:
+            self.detectors.load_state_dict(state["detectors"])
+        if self.policy is not None and state.get("policy") is not None:
+            self.policy.load_state_dict(state["policy"])
+        self.lr_control.load_state_dict(state["lr_control"])
+        self._last_finding_step = int(state["last_finding_step"])
+        self.findings = [Finding(**f) for f in state["findings"]]
+        self.actions_taken = [Action(**a) for a in state["actions"]]
 
 
 def _device_of(model: torch.nn.Module) -> torch.device:

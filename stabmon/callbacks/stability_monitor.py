@@ -14,6 +14,8 @@ from typing_extensions import override
 
 from stabmon._validation import check_bool, check_positive_int
 from stabmon.core import MonitorCore
+from stabmon.detectors import DetectionConfig, Finding
+from stabmon.interventions import Action, InterventionConfig
 from stabmon.probes.sharpness import SharpnessConfig
 
 __all__ = ["StabilityMonitor"]
@@ -43,8 +45,13 @@ class StabilityMonitor(Callback):
         sharpness: the other settings of the sharpness probe (method, iterations,
             tolerance, HVP mode, held batch size); its ``every_n_steps`` is replaced by
             ``sharpness_every_n_steps``. Default ``SharpnessConfig()``.
-        observe_only: measure, detect and report, but never act on the run. The monitor
-            takes no action yet, so this is recorded for the intervention stage. Default False.
+        observe_only: measure, detect and report, but never act on the run. Default False.
+        detection: thresholds of the detectors (``stabmon.DetectionConfig``), or None to
+            turn detection off. Default ``DetectionConfig()``.
+        intervention: the escalation ladder (``stabmon.InterventionConfig``), or None for
+            no intervention. Default ``InterventionConfig()``: LR scale-down with recovery on
+            a warning, re-warm when that does not help, step skipping on a critical finding,
+            rollback to a healthy snapshot on repeated ones, stop after repeated rollbacks.
         attention: capture attention statistics. Default True.
         logits: capture output-logit statistics. Default True.
         gradients: gradient, parameter and update norms. Default True.
@@ -92,6 +99,8 @@ class StabilityMonitor(Callback):
         sharpness_every_n_steps: int | None = 2000,
         sharpness: SharpnessConfig | None = None,
         observe_only: bool = False,
+        detection: DetectionConfig | None = DetectionConfig(),
+        intervention: InterventionConfig | None = InterventionConfig(),
         attention: bool = True,
         logits: bool = True,
         gradients: bool = True,
@@ -110,6 +119,10 @@ class StabilityMonitor(Callback):
             check_bool(name, value)
         if strict is not None:
             check_bool("strict", strict)
+        if detection is not None and not isinstance(detection, DetectionConfig):
+            raise ValueError(f"`detection` must be a stabmon.DetectionConfig or None, got {detection!r}")
+        if intervention is not None and not isinstance(intervention, InterventionConfig):
+            raise ValueError(f"`intervention` must be a stabmon.InterventionConfig or None, got {intervention!r}")
         if not isinstance(log_key_prefix, str):
             raise ValueError(f"`log_key_prefix` must be a str, got {log_key_prefix!r}")
         self.sample_every_n_steps = sample_every_n_steps
@@ -120,6 +133,8 @@ class StabilityMonitor(Callback):
             else replace(sharpness or SharpnessConfig(), every_n_steps=sharpness_every_n_steps)
         )
         self.observe_only = observe_only
+        self.detection = detection
+        self.intervention = intervention
         self._probe_flags = {"attention": attention, "logits": logits, "gradients": gradients, "per_layer": per_layer}
         self.log_key_prefix = log_key_prefix.rstrip("/")
         self.verbose = verbose
@@ -129,6 +144,7 @@ class StabilityMonitor(Callback):
         self._pending_state: dict[str, Any] | None = None
         self._step_at_start: int | None = None
         self._held_batch: Any = None
+        self.stop_checkpoint: str | None = None
 
     @property
     @override
@@ -145,6 +161,9 @@ class StabilityMonitor(Callback):
             sample_every_n_steps=self.sample_every_n_steps,
             log_every_n_steps=self.log_every_n_steps or max(1, trainer.log_every_n_steps),
             sharpness=self.sharpness_config,
+            detection=self.detection,
+            intervention=self.intervention,
+            observe_only=self.observe_only,
             strict=self.strict,
             **self._probe_flags,
         )
@@ -203,6 +222,8 @@ class StabilityMonitor(Callback):
         metrics = self.core.end_step()
         if metrics:
             self._emit(trainer, self._step_at_start, metrics)
+        if self.core.stop_reason is not None and not trainer.should_stop:
+            self._stop(trainer)
 
     @override
     def on_train_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
@@ -240,6 +261,25 @@ class StabilityMonitor(Callback):
             self._pending_state = dict(state_dict)
 
     # -- output -----------------------------------------------------------------------------
+    @property
+    def findings(self) -> list[Finding]:
+        """What the detectors found so far (``step``, ``signal``, ``severity``, ``value``, ``threshold``, ``message``)."""
+        return self.core.findings if self.core is not None else []
+
+    @property
+    def actions_taken(self) -> list[Action]:
+        """What the monitor did to the run (``step``, ``name``, ``detail``)."""
+        return self.core.actions_taken if self.core is not None else []
+
+    def _stop(self, trainer: "pl.Trainer") -> None:
+        path = os.path.join(trainer.default_root_dir, "stabmon-stop.ckpt")
+        trainer.save_checkpoint(path)  # every rank calls it: the strategy gathers what it needs
+        trainer.should_stop = True
+        self.stop_checkpoint = path
+        if trainer.is_global_zero:
+            print(f"stabmon: stopping the run at step {trainer.global_step}: {self.core.stop_reason}. "
+                  f"Checkpoint: {path}", flush=True)
+
     def summary(self) -> str:
         """The end-of-fit table as text."""
         if self.core is None:

@@ -155,20 +155,33 @@ class _DropGrads(pl.Callback):
             p.grad = None
 
 
-def test_nan_loss_is_counted_and_training_does_not_crash():
-    class NaNAtStep3(TinyMLP):
-        def training_step(self, batch, batch_idx):
-            loss = super().training_step(batch, batch_idx)
-            return loss * float("nan") if self.global_step == 3 else loss
+class NaNAtStep3(TinyMLP):
+    def training_step(self, batch, batch_idx):
+        loss = super().training_step(batch, batch_idx)
+        return loss * float("nan") if self.global_step == 3 else loss
 
+
+def test_nan_loss_observed_only_is_counted_and_training_does_not_crash():
     logger = RecordingLogger()
-    fit(NaNAtStep3(), regression_loader(), StabilityMonitor(sample_every_n_steps=100, log_every_n_steps=5, verbose=False),
-        logger=logger, max_steps=8)
+    monitor = StabilityMonitor(sample_every_n_steps=100, log_every_n_steps=5, observe_only=True, verbose=False)
+    fit(NaNAtStep3(), regression_loader(), monitor, logger=logger, max_steps=8)
     # the NaN gradient of step 3 makes the weights NaN, so step 4 is non-finite as well
     assert logger.by_step[4]["stabmon/loss/nonfinite_steps"] == 2
     assert logger.by_step[4]["stabmon/gradients/nonfinite_steps"] == 2
     assert math.isfinite(logger.by_step[4]["stabmon/loss/mean"])  # steps 1-2 only
     assert logger.by_step[7]["stabmon/loss/nonfinite_steps"] == 3
+    assert [f.step for f in monitor.findings if f.severity == "critical"][:2] == [3, 3]
+    assert monitor.actions_taken == []
+
+
+def test_nan_loss_step_is_skipped_and_training_goes_on():
+    module = NaNAtStep3()
+    monitor = StabilityMonitor(sample_every_n_steps=100, log_every_n_steps=5, verbose=False)
+    logger = RecordingLogger()
+    fit(module, regression_loader(), monitor, logger=logger, max_steps=8)
+    assert [(a.step, a.name) for a in monitor.actions_taken] == [(3, "skip_step")]
+    assert all(torch.isfinite(p).all() for p in module.parameters())
+    assert logger.by_step[7]["stabmon/loss/nonfinite_steps"] == 0 and math.isfinite(logger.by_step[7]["stabmon/loss/mean"])
 
 
 def test_gradient_accumulation_samples_once_per_optimizer_step():

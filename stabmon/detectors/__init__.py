@@ -1,0 +1,132 @@
+"""Detectors: turn signal histories into Findings (severity, signal, value, threshold, why)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from stabmon._validation import check_positive_float, check_positive_int
+from stabmon.detectors.base import SEVERITIES, Detector, Finding
+from stabmon.detectors.spike import SpikeDetector
+from stabmon.detectors.threshold import NonFiniteDetector, ThresholdDetector, TrendDetector
+
+__all__ = [
+    "SEVERITIES",
+    "DetectionConfig",
+    "Detector",
+    "DetectorSet",
+    "Finding",
+    "NonFiniteDetector",
+    "SpikeDetector",
+    "ThresholdDetector",
+    "TrendDetector",
+]
+
+
+@dataclass(frozen=True)
+class DetectionConfig:
+    """Thresholds of the default detectors.
+
+    Args:
+        spike_z_warning: robust z-score of a loss or gradient-norm spike that is a warning.
+            Default 6.
+        spike_z_critical: z-score of a critical spike (the step is skipped). Default 12.
+        spike_window: steps of history behind the median and MAD. Default 100.
+        spike_warmup: steps before the spike detectors arm. Default 50.
+        attention_logit_ceiling: max attention logit that is a warning. Default 100
+            (healthy models stay in the tens; divergent ones reach thousands).
+        attention_logit_growth: growth factor of the max attention logit over
+            ``trend_lookback`` samples that is a warning, once it is above 20. Default 3.
+        entropy_floor: per-layer minimum head entropy (nats) below which a layer has
+            collapsed. Default 0.1.
+        entropy_fall: factor by which a layer's entropy falls over ``trend_lookback``
+            samples that is a warning, once it is below 1 nat. Default 2.
+        logz_ceiling: output log-partition ``logits/logz_max`` that is a warning. Default 50.
+        eos_ratio_ceiling: sharpness edge-of-stability ratio that is a warning. Default 1.
+        trend_lookback: samples (sampled steps) looked back over by the trend detectors. Default 5.
+
+    Example:
+        >>> DetectionConfig(spike_z_warning=8).spike_z_critical
+        12.0
+    """
+
+    spike_z_warning: float = 6.0
+    spike_z_critical: float = 12.0
+    spike_window: int = 100
+    spike_warmup: int = 50
+    attention_logit_ceiling: float = 100.0
+    attention_logit_growth: float = 3.0
+    entropy_floor: float = 0.1
+    entropy_fall: float = 2.0
+    logz_ceiling: float = 50.0
+    eos_ratio_ceiling: float = 1.0
+    trend_lookback: int = 5
+
+    def __post_init__(self) -> None:
+        for name in ("spike_z_warning", "spike_z_critical", "attention_logit_ceiling", "attention_logit_growth",
+                     "entropy_floor", "entropy_fall", "logz_ceiling", "eos_ratio_ceiling"):
+            check_positive_float(name, getattr(self, name))
+        for name in ("spike_window", "spike_warmup", "trend_lookback"):
+            check_positive_int(name, getattr(self, name))
+        if self.spike_z_critical < self.spike_z_warning:
+            raise ValueError(f"`spike_z_critical` ({self.spike_z_critical}) must be >= `spike_z_warning` "
+                             f"({self.spike_z_warning})")
+        if self.spike_warmup > self.spike_window:
+            raise ValueError(f"`spike_warmup` ({self.spike_warmup}) must not exceed `spike_window` ({self.spike_window})")
+
+    def build(self) -> DetectorSet:
+        spike = dict(z_warning=self.spike_z_warning, z_critical=self.spike_z_critical, window=self.spike_window,
+                     warmup=self.spike_warmup)
+        return DetectorSet(
+            per_step=[
+                NonFiniteDetector(),
+                SpikeDetector("loss/last", name="loss_spike", **spike),
+                SpikeDetector("gradients/norm", name="grad_norm_spike", **spike),
+            ],
+            sampled=[
+                NonFiniteDetector(),
+                ThresholdDetector("attention/max_logit", ceiling=self.attention_logit_ceiling,
+                                  explain=" (attention-logit growth; qk-layernorm prevents it)"),
+                TrendDetector("attention/max_logit", factor=self.attention_logit_growth, lookback=self.trend_lookback,
+                              active_above=20.0),
+                ThresholdDetector("attention/entropy_min", floor=self.entropy_floor,
+                                  explain=" nats (attention entropy collapse)"),
+                TrendDetector("attention/entropy_min", factor=self.entropy_fall, lookback=self.trend_lookback,
+                              direction="down", active_below=1.0),
+                ThresholdDetector("logits/logz_max", ceiling=self.logz_ceiling,
+                                  explain=" (output-logit divergence; z-loss keeps log Z near 0)"),
+                ThresholdDetector("sharpness/eos_ratio", ceiling=self.eos_ratio_ceiling,
+                                  explain=" (past the edge of stability: the step is too large for the curvature)"),
+            ],
+        )
+
+
+class DetectorSet:
+    """The per-step detectors (loss, gradient norm) and the sampled-signal detectors."""
+
+    def __init__(self, per_step: list[Detector], sampled: list[Detector]) -> None:
+        self.per_step, self.sampled = per_step, sampled
+
+    def on_step(self, step: int, values: dict[str, float]) -> list[Finding]:
+        return [f for d in self.per_step for f in d.update(step, values)]
+
+    def on_sample(self, step: int, values: dict[str, float]) -> list[Finding]:
+        return [f for d in self.sampled for f in d.update(step, values)]
+
+    def quiet_until(self, step: int, names: tuple[str, ...] = ("loss_spike", "grad_norm_spike")) -> None:
+        """Expected rise (the monitor's own intervention): those detectors neither alarm nor learn."""
+        for d in self.per_step + self.sampled:
+            if d.name in names:
+                d.quiet_until(step)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "per_step": [d.state_dict() for d in self.per_step],
+            "sampled": [d.state_dict() for d in self.sampled],
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for d, s in zip(self.per_step, state["per_step"]):
+            d.load_state_dict(s)
+        for d, s in zip(self.sampled, state["sampled"]):
+            d.load_state_dict(s)
