@@ -79,12 +79,12 @@ class DetectionConfig:
                      warmup=self.spike_warmup)
         return DetectorSet(
             per_step=[
-                NonFiniteDetector(),
+                NonFiniteDetector(counts=()),
                 SpikeDetector("loss/last", name="loss_spike", **spike),
                 SpikeDetector("gradients/norm", name="grad_norm_spike", **spike),
             ],
             sampled=[
-                NonFiniteDetector(),
+                NonFiniteDetector(signals=()),  # loss and gradient norm are checked every step already
                 ThresholdDetector("attention/max_logit", ceiling=self.attention_logit_ceiling,
                                   explain=" (attention-logit growth; qk-layernorm prevents it)"),
                 TrendDetector("attention/max_logit", factor=self.attention_logit_growth, lookback=self.trend_lookback,

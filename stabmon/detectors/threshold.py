@@ -137,15 +137,21 @@ class NonFiniteDetector(Detector):
     """
 
     name = "nonfinite"
-    SIGNALS = ("loss/last", "gradients/norm")
-    COUNTS = ("logits/nonfinite",)
+
+    def __init__(
+        self,
+        signals: tuple[str, ...] = ("loss/last", "gradients/norm"),
+        counts: tuple[str, ...] = ("logits/nonfinite",),
+    ) -> None:
+        super().__init__()
+        self.signals, self.counts = signals, counts
 
     def update(self, step: int, values: dict[str, float]) -> list[Finding]:
         out = []
-        for key in self.SIGNALS:
+        for key in self.signals:
             if key in values and not math.isfinite(values[key]):
                 out.append(Finding(step, key, "critical", values[key], math.inf, f"{key} is {values[key]}", self.name))
-        for key in self.COUNTS:
+        for key in self.counts:
             if values.get(key, 0) > 0:
                 out.append(Finding(step, key, "critical", values[key], 0.0,
                                    f"{int(values[key])} rows of output logits hold NaN or inf", self.name))

@@ -1,0 +1,45 @@
+"""Run by test_stability_monitor_actions.py in a subprocess: a 2-rank gloo DDP fit with a
+loss spike injected on rank 1 only. Each rank writes what its monitor found and did."""
+
+import json
+import os
+import sys
+
+import pytorch_lightning as pl
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+
+from stabmon import DetectionConfig, StabilityMonitor  # noqa: E402
+from tests.helpers import TinyLM, token_loader  # noqa: E402
+
+
+class SpikeOnRankOne(TinyLM):
+    def training_step(self, batch, batch_idx):
+        loss = super().training_step(batch, batch_idx)
+        if self.global_step == 25 and self.global_rank == 1:
+            loss = loss * 1000.0
+        return loss
+
+
+def main(out_dir: str) -> None:
+    pl.seed_everything(0)
+    monitor = StabilityMonitor(sample_every_n_steps=10, detection=DetectionConfig(spike_warmup=10),
+                               sharpness_every_n_steps=10, verbose=False)
+    trainer = pl.Trainer(accelerator="cpu", devices=2, strategy="ddp", max_steps=35, logger=False, callbacks=[monitor],
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(SpikeOnRankOne(lr=0.05), token_loader(n=640, batch_size=8))
+    record = {
+        "rank": trainer.global_rank,
+        "actions": [a.to_dict() for a in monitor.actions_taken],
+        "findings": [(f.step, f.signal, f.severity) for f in monitor.findings],
+        "weights": float(sum(p.double().sum() for p in trainer.lightning_module.parameters())),
+        "sharpness": monitor.latest_metrics.get("sharpness/top_eigenvalue"),
+    }
+    with open(os.path.join(out_dir, f"rank{trainer.global_rank}.json"), "w") as f:
+        json.dump(record, f)
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(1)
+    main(sys.argv[1])
