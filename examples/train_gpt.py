@@ -56,6 +56,8 @@ class Config:
     # monitor
     sample_every: int = 50  # stabmon: steps between sampled forwards
     sharpness_every: int = 200  # stabmon: steps between sharpness estimates (about 10 steps' cost each); 0 = off
+    observe_only: bool = False  # stabmon: detect and report, never act
+    inject_instability: int = 0  # at this step, multiply the learning rate by 30 for 20 steps (0 = never)
     log_every: int = 25  # steps between progress lines and logged statistics
     # run
     seed: int = 1337  # seeds the weights and the batch order
@@ -237,6 +239,19 @@ class ProgressPrinter(pl.Callback):
         )
 
 
+class InjectInstability(pl.Callback):
+    """Multiplies the learning rate by ``factor`` for ``steps`` steps from ``start``: a
+    controlled blow-up to watch the monitor detect and intervene."""
+
+    def __init__(self, start: int, factor: float = 30.0, steps: int = 20) -> None:
+        self.start, self.factor, self.steps = start, factor, steps
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:  # noqa: ANN001
+        if self.start <= trainer.global_step < self.start + self.steps:
+            for group in trainer.optimizers[0].param_groups:
+                group["lr"] *= self.factor  # the scheduler resets it at its next step
+
+
 # -----------------------------------------------------------------------------
 
 
@@ -280,13 +295,15 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         sample_every_n_steps=cfg.sample_every,
         log_every_n_steps=cfg.log_every,
         sharpness_every_n_steps=cfg.sharpness_every or None,
+        observe_only=cfg.observe_only,
     )
     trainer = pl.Trainer(
         max_steps=cfg.max_steps,
         accelerator="auto",
         devices=1,
         gradient_clip_val=cfg.grad_clip or None,
-        callbacks=[monitor, ProgressPrinter(monitor, cfg.log_every)],
+        callbacks=[monitor, ProgressPrinter(monitor, cfg.log_every)]
+        + ([InjectInstability(cfg.inject_instability)] if cfg.inject_instability else []),
         logger=pl.loggers.CSVLogger(cfg.out_dir, name=""),
         log_every_n_steps=cfg.log_every,
         enable_checkpointing=False,
@@ -302,7 +319,12 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         losses = [module.loss(x.to(module.device), y.to(module.device)).item() for x, y in val_loader]
     val_loss = sum(losses) / len(losses)
     print(f"validation loss {val_loss:.4f} (CSV logs in {trainer.logger.log_dir})")
-    return {"val_loss": val_loss, **monitor.latest_metrics}
+    if monitor.findings or monitor.actions_taken:
+        print(f"stabmon: {len(monitor.findings)} findings, {len(monitor.actions_taken)} actions:")
+        for a in monitor.actions_taken[:20]:
+            print(f"  step {a.step:5d} {a.name:9s} {a.detail}")
+    return {"val_loss": val_loss, **monitor.latest_metrics, "findings": monitor.findings,
+            "actions": monitor.actions_taken}
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import statistics
 from collections import deque
 from typing import Any
@@ -18,7 +19,9 @@ class SpikeDetector(Detector):
     The median and the median absolute deviation (MAD) are taken over the last ``window``
     finite values, so one earlier spike does not inflate the scale the way a standard
     deviation would. The detector arms after ``warmup`` values. A flagged value does not
-    enter the history (it would raise the baseline for the next one).
+    enter the history (it would raise the baseline for the next one). With ``log_scale``
+    (the default) positive signals are compared as logarithms: loss and gradient-norm noise
+    is multiplicative, so a jump from 0.01 to 0.03 and one from 1 to 3 weigh the same.
 
     Args:
         signal: the signal to watch (e.g. ``"loss/last"``, ``"gradients/norm"``).
@@ -26,8 +29,9 @@ class SpikeDetector(Detector):
         z_critical: z-score of a critical finding. Default 12.
         window: values in the rolling history. Default 100.
         warmup: values seen before the detector arms. Default 20.
-        min_scale: floor of the scale, relative to the median, so a flat history (MAD 0)
-            does not turn noise into spikes. Default 0.01.
+        min_scale: floor of the scale (relative to the median; in log space, absolute), so
+            a flat history (MAD 0) does not turn noise into spikes. Default 0.01.
+        log_scale: compare logarithms while the value and its history are positive. Default True.
 
     Example:
         >>> det = SpikeDetector("loss/last", warmup=5)
@@ -46,6 +50,7 @@ class SpikeDetector(Detector):
         window: int = 100,
         warmup: int = 20,
         min_scale: float = 0.01,
+        log_scale: bool = True,
         name: str | None = None,
     ) -> None:
         super().__init__()
@@ -58,7 +63,7 @@ class SpikeDetector(Detector):
             raise ValueError(f"`warmup` ({warmup}) must not exceed `window` ({window})")
         self.signal = signal
         self.z_warning, self.z_critical = z_warning, z_critical
-        self.window, self.warmup, self.min_scale = window, warmup, min_scale
+        self.window, self.warmup, self.min_scale, self.log_scale = window, warmup, min_scale, log_scale
         self.name = name or f"{signal.replace('/', '_')}_spike"
         self._history: deque[float] = deque(maxlen=window)
         self.last_z: float | None = None
@@ -71,17 +76,23 @@ class SpikeDetector(Detector):
         if self.quiet(step):
             return []
         if len(self._history) >= self.warmup:
-            median = statistics.median(self._history)
-            mad = statistics.median(abs(v - median) for v in self._history)
-            scale = max(1.4826 * mad, self.min_scale * abs(median), 1e-12)
-            z = (x - median) / scale
+            use_log = self.log_scale and x > 0 and min(self._history) > 0
+            hist = [math.log(v) for v in self._history] if use_log else list(self._history)
+            value = math.log(x) if use_log else x
+            median = statistics.median(hist)
+            mad = statistics.median(abs(v - median) for v in hist)
+            floor = self.min_scale if use_log else self.min_scale * abs(median)
+            scale = max(1.4826 * mad, floor, 1e-12)
+            z = (value - median) / scale
             self.last_z = z
             if z >= self.z_warning:
                 severity = "critical" if z >= self.z_critical else "warning"
-                threshold = median + (self.z_critical if severity == "critical" else self.z_warning) * scale
+                limit = median + (self.z_critical if severity == "critical" else self.z_warning) * scale
+                threshold = math.exp(limit) if use_log else limit
+                center = math.exp(median) if use_log else median
                 return [Finding(step, self.signal, severity, x, threshold,
-                                f"{self.signal} spike: {x:.4g} is {z:.1f} robust std above its median {median:.4g}",
-                                self.name)]
+                                f"{self.signal} spike: {x:.4g} is {z:.1f} robust std above its median {center:.4g}"
+                                + (" (log scale)" if use_log else ""), self.name)]
         self._history.append(x)
         return []
 

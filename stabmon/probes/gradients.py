@@ -152,8 +152,10 @@ class GradientProbe:
         if self._last_norms is None:
             return
         out.add_max(f"{prefix}/norm", self._last_total)
-        out.add_max(f"{prefix}/norm_max", self._norm_max)
-        out.add_min(f"{prefix}/norm_min", self._norm_min)
+        # NaN, not +-inf, when no step of the interval had a finite norm
+        nan = torch.full_like(self._norm_max, float("nan"))
+        out.add_max(f"{prefix}/norm_max", torch.where(self._steps > 0, self._norm_max, nan))
+        out.add_min(f"{prefix}/norm_min", torch.where(self._steps > 0, self._norm_min, nan))
         out.add_mean(f"{prefix}/norm_mean", self._norm_sum, self._steps)
         out.add_sum(f"{prefix}/nonfinite_steps", self._nonfinite_steps)
         weights = tensor_norms([p.detach() for p in self.params], self._device)
