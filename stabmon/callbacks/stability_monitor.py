@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import sys
+from collections.abc import Sequence
 from dataclasses import replace
 from typing import Any
 
@@ -13,6 +15,7 @@ from pytorch_lightning.utilities import rank_zero_only
 from typing_extensions import override
 
 from stabmon._validation import check_bool, check_positive_int
+from stabmon.alerts import AlertChannel, AlertDispatcher
 from stabmon.core import MonitorCore
 from stabmon.detectors import DetectionConfig, Finding
 from stabmon.interventions import Action, InterventionConfig
@@ -56,6 +59,12 @@ class StabilityMonitor(Callback):
         logits: capture output-logit statistics. Default True.
         gradients: gradient, parameter and update norms. Default True.
         per_layer: per-layer norms in addition to the global ones. Default True.
+        alerts: alert channels (``stabmon.alerts.LogAlert()``, ``WandbAlert()``,
+            ``WebhookAlert(url)``), told of every warning and critical finding with what the
+            monitor did about it; repeats of the same signal and severity within 100 steps
+            are not sent again. Sent from rank 0 only. Default: none.
+        wandb_heatmap_every_n_steps: with a ``WandbLogger`` (or an active ``wandb.run``),
+            steps between per-layer x per-head attention heatmaps. Default 500.
         log_key_prefix: prefix of every logged key. Default ``"stabmon"``.
         verbose: print the summary at the end of the fit (rank 0). Default True.
         strict: re-raise errors inside the monitor instead of disabling the failing part
@@ -101,6 +110,8 @@ class StabilityMonitor(Callback):
         observe_only: bool = False,
         detection: DetectionConfig | None = DetectionConfig(),
         intervention: InterventionConfig | None = InterventionConfig(),
+        alerts: Sequence[AlertChannel] = (),
+        wandb_heatmap_every_n_steps: int = 500,
         attention: bool = True,
         logits: bool = True,
         gradients: bool = True,
@@ -123,6 +134,12 @@ class StabilityMonitor(Callback):
             raise ValueError(f"`detection` must be a stabmon.DetectionConfig or None, got {detection!r}")
         if intervention is not None and not isinstance(intervention, InterventionConfig):
             raise ValueError(f"`intervention` must be a stabmon.InterventionConfig or None, got {intervention!r}")
+        alerts = list(alerts)
+        bad = [a for a in alerts if not isinstance(a, AlertChannel)]
+        if bad:
+            raise ValueError(f"`alerts` must hold stabmon.alerts channels (LogAlert, WandbAlert, WebhookAlert), "
+                             f"got {type(bad[0]).__name__}")
+        check_positive_int("wandb_heatmap_every_n_steps", wandb_heatmap_every_n_steps)
         if not isinstance(log_key_prefix, str):
             raise ValueError(f"`log_key_prefix` must be a str, got {log_key_prefix!r}")
         self.sample_every_n_steps = sample_every_n_steps
@@ -135,6 +152,11 @@ class StabilityMonitor(Callback):
         self.observe_only = observe_only
         self.detection = detection
         self.intervention = intervention
+        self.alerts = AlertDispatcher(alerts) if alerts else None
+        self.wandb_heatmap_every_n_steps = wandb_heatmap_every_n_steps
+        self.wandb = None
+        self._reported = (0, 0)  # findings and actions already sent to the sinks
+        self._run_name = "run"
         self._probe_flags = {"attention": attention, "logits": logits, "gradients": gradients, "per_layer": per_layer}
         self.log_key_prefix = log_key_prefix.rstrip("/")
         self.verbose = verbose
@@ -175,6 +197,8 @@ class StabilityMonitor(Callback):
         if self._pending_state is not None:
             self.core.load_state_dict(self._pending_state)
             self._pending_state = None
+        if trainer.is_global_zero:
+            self.core.guard.run("wandb", self._find_wandb, trainer)
 
     @override
     def on_train_batch_start(
@@ -222,6 +246,8 @@ class StabilityMonitor(Callback):
         metrics = self.core.end_step()
         if metrics:
             self._emit(trainer, self._step_at_start, metrics)
+        if trainer.is_global_zero:
+            self.core.guard.run("sinks", self._report, self._step_at_start, bool(metrics) and self.core.sampled)
         if self.core.stop_reason is not None and not trainer.should_stop:
             self._stop(trainer)
 
@@ -233,6 +259,12 @@ class StabilityMonitor(Callback):
         metrics = self.core.flush()
         if metrics and self.core.step is not None:
             self._emit(trainer, self.core.step, metrics)
+        if trainer.is_global_zero and self.core.step is not None:
+            self.core.guard.run("sinks", self._report, self.core.step, False)
+            if self.wandb is not None:
+                self.core.guard.run("wandb", self.wandb.log_events, self.core.step)
+        if self.alerts is not None:
+            self.alerts.close()
         if self.verbose:
             self._print_summary()
 
@@ -285,6 +317,40 @@ class StabilityMonitor(Callback):
         if self.core is None:
             return "stabmon: the monitor has not been set up by a fit yet."
         return self.core.summary.format(self.core.attention_modules)
+
+    def _find_wandb(self, trainer: "pl.Trainer") -> None:
+        """W&B extras when the trainer logs to W&B (or a wandb run is active); else nothing."""
+        from pytorch_lightning.loggers import WandbLogger
+
+        run = None
+        for logger in trainer.loggers:
+            if isinstance(logger, WandbLogger):
+                run = logger.experiment
+        if run is None and "wandb" in sys.modules:
+            run = sys.modules["wandb"].run
+        if run is None:
+            if trainer.loggers:
+                self._run_name = f"{trainer.loggers[0].name}/{trainer.loggers[0].version}"
+            return
+        from stabmon.sinks.wandb import WandbExtras
+
+        self._run_name = getattr(run, "name", None) or "wandb run"
+        self.wandb = WandbExtras(run, prefix=self.log_key_prefix, heatmap_every_n_steps=self.wandb_heatmap_every_n_steps)
+        self.wandb.define_metrics()
+
+    def _report(self, step: int, sampled: bool) -> None:
+        """New findings and actions to the alert channels and W&B; heatmaps on sampled steps."""
+        seen_findings, seen_actions = self._reported
+        findings = self.core.findings[seen_findings:]
+        actions = self.core.actions_taken[seen_actions:]
+        self._reported = (len(self.core.findings), len(self.core.actions_taken))
+        if findings and self.alerts is not None:
+            self.alerts.dispatch(findings, actions, run=self._run_name)
+        if self.wandb is not None:
+            if findings or actions:
+                self.wandb.record(findings, actions)
+            if sampled:
+                self.wandb.heatmaps(step, self.core.last_head_maps, self.core.attention_modules)
 
     def _emit(self, trainer: "pl.Trainer", step: int, metrics: dict[str, float]) -> None:
         self.latest_metrics.update(metrics)
