@@ -23,6 +23,10 @@ def _matching(signal: str, values: dict[str, float]) -> list[str]:
 class ThresholdDetector(Detector):
     """Flags a signal (or any of its per-layer keys) above ``ceiling`` or below ``floor``.
 
+    Hysteresis: once a key has fired, it fires again only when it gets ``rearm`` times
+    worse than the value it fired at (above ``rearm * last`` or below ``last / rearm``),
+    so a value that stays bad does not raise an alarm at every sample.
+
     Example:
         >>> det = ThresholdDetector("sharpness/eos_ratio", ceiling=1.0)
         >>> det.update(3, {"sharpness/eos_ratio": 1.7})[0].message
@@ -37,14 +41,18 @@ class ThresholdDetector(Detector):
         floor: float | None = None,
         severity: str = "warning",
         explain: str = "",
+        rearm: float = 1.5,
         name: str | None = None,
     ) -> None:
         super().__init__()
         check_in("severity", severity, SEVERITIES)
+        check_positive_float("rearm", rearm)
         if ceiling is None and floor is None:
             raise ValueError("ThresholdDetector needs a `ceiling` or a `floor`")
         self.signal, self.ceiling, self.floor, self.severity, self.explain = signal, ceiling, floor, severity, explain
+        self.rearm = rearm
         self.name = name or f"{signal.replace('/', '_')}_threshold"
+        self._fired: dict[str, float] = {}  # key -> value it last fired at
 
     def update(self, step: int, values: dict[str, float]) -> list[Finding]:
         if self.quiet(step):
@@ -54,27 +62,42 @@ class ThresholdDetector(Detector):
             x = values[key]
             if not finite(x):
                 continue
+            last = self._fired.get(key)
             if self.ceiling is not None and x > self.ceiling:
-                out.append(Finding(step, key, self.severity, x, self.ceiling,
-                                   f"{key} is {x:.4g}, above {self.ceiling:.4g}{self.explain}", self.name))
+                if last is None or x > self.rearm * last:
+                    self._fired[key] = x
+                    out.append(Finding(step, key, self.severity, x, self.ceiling,
+                                       f"{key} is {x:.4g}, above {self.ceiling:.4g}{self.explain}", self.name))
             elif self.floor is not None and x < self.floor:
-                out.append(Finding(step, key, self.severity, x, self.floor,
-                                   f"{key} is {x:.4g}, below {self.floor:.4g}{self.explain}", self.name))
+                if last is None or x < last / self.rearm:
+                    self._fired[key] = x
+                    out.append(Finding(step, key, self.severity, x, self.floor,
+                                       f"{key} is {x:.4g}, below {self.floor:.4g}{self.explain}", self.name))
+            else:
+                self._fired.pop(key, None)  # back to normal: the next crossing fires again
         return out
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "fired": dict(self._fired)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        self._fired = {k: float(v) for k, v in state.get("fired", {}).items()}
 
 
 class TrendDetector(Detector):
     """Flags geometric growth (or decay) of a signal over its last ``lookback`` samples.
 
-    ``direction="up"``: fires when ``x_now >= factor * x_then`` and ``x_now >= active_above``.
-    ``direction="down"``: fires when ``x_now <= x_then / factor`` and ``x_now <= active_below``.
-    The activity bound keeps the ordinary early-training moves (logits growing from 0,
-    entropy falling from log L) from counting.
+    ``direction="up"``: fires when ``x_now >= factor * x_then`` and ``x_then >= active_above``.
+    ``direction="down"``: fires when ``x_now <= x_then / factor`` and ``x_then <= active_below``.
+    The activity bound on the starting value keeps the ordinary early-training moves
+    (logits growing from 0, entropy falling from log L) from counting. After firing, a key
+    needs ``lookback`` new samples before it can fire again.
 
     Example:
         >>> det = TrendDetector("attention/max_logit", factor=2.0, lookback=2, active_above=10.0)
-        >>> [len(det.update(s, {"attention/max_logit": v})) for s, v in enumerate([8.0, 12.0, 17.0])]
-        [0, 0, 1]
+        >>> [len(det.update(s, {"attention/max_logit": v})) for s, v in enumerate([4.0, 12.0, 17.0, 25.0])]
+        [0, 0, 0, 1]
     """
 
     def __init__(
@@ -110,14 +133,19 @@ class TrendDetector(Detector):
             if self.quiet(step) or len(hist) <= self.lookback:
                 continue
             then = hist[0]
-            if self.direction == "up" and then > 0 and x >= self.factor * then and x >= self.active_above:
-                out.append(Finding(step, key, self.severity, x, self.factor * then,
-                                   f"{key} grew {x / then:.1f}x over the last {self.lookback} samples "
-                                   f"({then:.4g} -> {x:.4g})", self.name))
-            elif self.direction == "down" and x > 0 and then >= self.factor * x and x <= self.active_below:
-                out.append(Finding(step, key, self.severity, x, then / self.factor,
-                                   f"{key} fell {then / x:.1f}x over the last {self.lookback} samples "
-                                   f"({then:.4g} -> {x:.4g})", self.name))
+            found = None
+            if self.direction == "up" and then > 0 and x >= self.factor * then and then >= self.active_above:
+                found = Finding(step, key, self.severity, x, self.factor * then,
+                                f"{key} grew {x / then:.1f}x over the last {self.lookback} samples "
+                                f"({then:.4g} -> {x:.4g})", self.name)
+            elif self.direction == "down" and x > 0 and then >= self.factor * x and then <= self.active_below:
+                found = Finding(step, key, self.severity, x, then / self.factor,
+                                f"{key} fell {then / x:.1f}x over the last {self.lookback} samples "
+                                f"({then:.4g} -> {x:.4g})", self.name)
+            if found is not None:
+                out.append(found)
+                hist.clear()
+                hist.append(x)
         return out
 
     def state_dict(self) -> dict[str, Any]:

@@ -6,7 +6,8 @@ The ladder, in the default configuration:
   collapse, log Z drift, sharpness past the edge of stability) scales the LR down by
   ``lr_factor`` for ``lr_hold`` steps, then recovers it linearly over ``lr_recover`` steps;
 * a warning again after ``cooldown`` steps while the LR is still reduced escalates to a
-  **re-warm**: the LR factor restarts from ``rewarm_start`` and ramps to 1 over ``rewarm_steps``;
+  **re-warm**: the LR factor restarts from ``rewarm_start`` and ramps to 1 over
+  ``rewarm_steps``; further warnings during the re-warm are recorded but not acted on;
 * a **critical** finding (non-finite loss or gradient, a spike above the critical z-score)
   **skips the step** (parameters and optimizer state untouched);
 * ``rollback_after`` critical findings within ``window`` steps **roll back** to the last
@@ -138,6 +139,7 @@ class EscalationPolicy:
         self._last_warning_action = -(10**9)
         self.rollbacks = 0
         self._skip_until = -1
+        self._rewarm_until = -1
 
     def skipping(self, step: int) -> bool:
         """True while the batches after a rollback are being skipped."""
@@ -182,8 +184,11 @@ class EscalationPolicy:
                 decision.actions.append(Action(step, "stop", why))
             return self._record(step, decision)
         if worst.severity == "warning" and step - self._last_warning_action >= cfg.cooldown:
+            if step < self._rewarm_until:
+                return decision  # a re-warm is the last rung for warnings: let it run its course
             self._last_warning_action = step
             if lr_reduced:
+                self._rewarm_until = step + cfg.rewarm_steps
                 decision.rewarm = True
                 decision.actions.append(Action(step, "rewarm", f"LR re-warm from {cfg.rewarm_start:g} of the LR over "
                                                f"{cfg.rewarm_steps} steps; the scale-down did not help; {why}"))
@@ -202,7 +207,7 @@ class EscalationPolicy:
     def state_dict(self) -> dict[str, Any]:
         return {"action_steps": list(self._action_steps), "critical_steps": list(self._critical_steps),
                 "last_warning_action": self._last_warning_action, "rollbacks": self.rollbacks,
-                "skip_until": self._skip_until}
+                "skip_until": self._skip_until, "rewarm_until": self._rewarm_until}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self._action_steps = deque(int(s) for s in state["action_steps"])
@@ -210,3 +215,4 @@ class EscalationPolicy:
         self._last_warning_action = int(state["last_warning_action"])
         self.rollbacks = int(state["rollbacks"])
         self._skip_until = int(state["skip_until"])
+        self._rewarm_until = int(state["rewarm_until"])

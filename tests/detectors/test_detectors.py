@@ -54,6 +54,12 @@ def test_spike_is_kept_out_of_the_baseline_and_quiet_period():
     assert det.update(7, {"x": 10.0}) == [] and len(det.state_dict()["history"]) == 5  # quiet: no alarm, no learning
 
 
+def test_threshold_hysteresis_fires_again_only_when_worse_or_after_recovery():
+    det = ThresholdDetector("m", ceiling=100.0)
+    fired = [bool(det.update(i, {"m": v})) for i, v in enumerate([150.0, 160.0, 200.0, 230.0, 50.0, 120.0])]
+    assert fired == [True, False, False, True, False, True]
+
+
 def test_threshold_detector_prefers_per_layer_keys():
     det = ThresholdDetector("attention/entropy_min", floor=0.1)
     found = det.update(5, {"attention/entropy_min": 0.05, "attention/entropy_min/layer_00": 0.05,
@@ -64,12 +70,12 @@ def test_threshold_detector_prefers_per_layer_keys():
 
 def test_trend_detector_up_and_down():
     up = TrendDetector("m", factor=3.0, lookback=3, active_above=20.0)
-    assert feed(up, [1.0, 2.0, 3.0, 6.0], "m") == []  # 6x growth but below the activity bound
+    assert feed(up, [1.0, 2.0, 3.0, 60.0], "m") == []  # 60x growth, but from below the activity bound
     up = TrendDetector("m", factor=3.0, lookback=3, active_above=20.0)
-    found = feed(up, [10.0, 15.0, 25.0, 31.0], "m")
-    assert [f.step for f in found] == [3] and "3.1x" in found[0].message
+    found = feed(up, [20.0, 30.0, 45.0, 61.0, 70.0, 80.0], "m")
+    assert [f.step for f in found] == [3] and "3.0x" in found[0].message  # then needs 3 new samples
     down = TrendDetector("e", factor=2.0, lookback=2, direction="down", active_below=1.0)
-    assert feed(down, [3.0, 2.0, 1.4], "e") == []  # fell 2.1x but still above 1 nat
+    assert feed(down, [3.0, 2.0, 1.4, 0.9], "e") == []  # falls from above 1 nat do not count
     down = TrendDetector("e", factor=2.0, lookback=2, direction="down", active_below=1.0)
     found = feed(down, [0.9, 0.6, 0.4], "e")
     assert len(found) == 1 and "fell" in found[0].message

@@ -110,6 +110,7 @@ def test_ladder_escalates_and_does_not_loop():
     assert d.scale_lr == 0.5 and [a.name for a in d.actions] == ["scale_lr"]
     assert policy.decide(8, [warning(8)], lr_reduced=True, snapshot_available=True).actions == []  # cooldown
     assert policy.decide(20, [warning(20)], lr_reduced=True, snapshot_available=True).rewarm
+    assert policy.decide(45, [warning(45)], lr_reduced=True, snapshot_available=True).actions == []  # re-warm runs
     d = policy.decide(30, [critical(30)], lr_reduced=True, snapshot_available=True)
     assert d.skip_step and [a.name for a in d.actions] == ["skip_step"]
     d = policy.decide(31, [critical(31)], lr_reduced=True, snapshot_available=True)
