@@ -62,6 +62,8 @@ class Config:
     # run
     seed: int = 1337  # seeds the weights and the batch order
     out_dir: str = "runs/train_gpt"  # CSV logs
+    wandb: bool = False  # also log to W&B (set WANDB_MODE=offline without network)
+    heatmap_png: str = ""  # write the last per-layer x per-head attention-entropy heatmap to this PNG
     threads: int = 0  # torch CPU threads; 0 = torch's default
 
 
@@ -304,7 +306,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         gradient_clip_val=cfg.grad_clip or None,
         callbacks=[monitor, ProgressPrinter(monitor, cfg.log_every)]
         + ([InjectInstability(cfg.inject_instability)] if cfg.inject_instability else []),
-        logger=pl.loggers.CSVLogger(cfg.out_dir, name=""),
+        logger=[pl.loggers.CSVLogger(cfg.out_dir, name="")]
+        + ([pl.loggers.WandbLogger(project="stabmon-example", save_dir=cfg.out_dir)] if cfg.wandb else []),
         log_every_n_steps=cfg.log_every,
         enable_checkpointing=False,
         enable_progress_bar=False,
@@ -318,7 +321,16 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     with torch.no_grad():
         losses = [module.loss(x.to(module.device), y.to(module.device)).item() for x, y in val_loader]
     val_loss = sum(losses) / len(losses)
-    print(f"validation loss {val_loss:.4f} (CSV logs in {trainer.logger.log_dir})")
+    print(f"validation loss {val_loss:.4f} (CSV logs in {trainer.loggers[0].log_dir})")
+    if cfg.heatmap_png and monitor.core.last_head_maps:
+        from stabmon.sinks import render_heatmap
+
+        maps = monitor.core.last_head_maps
+        layers = sorted(maps)
+        render_heatmap([maps[layer]["entropy_mean"].tolist() for layer in layers],
+                       title=f"attention entropy per head (nats), step {monitor.core.summary.last_step}",
+                       row_labels=[layer.replace("layer_", "L") for layer in layers], cell=40).save(cfg.heatmap_png)
+        print(f"heatmap written to {cfg.heatmap_png}")
     if monitor.findings or monitor.actions_taken:
         print(f"stabmon: {len(monitor.findings)} findings, {len(monitor.actions_taken)} actions:")
         for a in monitor.actions_taken[:20]:
