@@ -114,3 +114,14 @@ def test_training_step_is_used_with_logging_muted():
     quiet_trainer(max_steps=3, callbacks=[monitor], logger=logger).fit(Module(), token_loader())
     assert "stabmon/sharpness/top_eigenvalue" in logger.by_step[2]
     assert "train_loss" in logger.by_step[2]  # the real step's own logging still works
+
+
+def test_sharpness_and_attention_probes_under_bf16_mixed_precision():
+    logger = RecordingLogger()
+    monitor = StabilityMonitor(sample_every_n_steps=2, sharpness_every_n_steps=2, sharpness=SharpnessConfig(iters=5),
+                               verbose=False)
+    trainer = quiet_trainer(max_steps=3, callbacks=[monitor], logger=logger, precision="bf16-mixed")
+    trainer.fit(TinyLM(), token_loader())
+    logged = logger.by_step[2]
+    assert math.isfinite(logged["stabmon/sharpness/top_eigenvalue"])
+    assert math.isfinite(logged["stabmon/attention/entropy_min"]) and math.isfinite(logged["stabmon/logits/logz_mean"])
