@@ -44,8 +44,9 @@ def ema(values: list[float], span: int = 20) -> list[float]:
     return out
 
 
-def run(example, lr: float, steps: int, observe_only: bool) -> dict:
-    cfg = example.Config(lr=lr, max_steps=steps, grad_clip=0.0, sharpness_every=100, warmup_steps=20)
+def run(example, lr: float, steps: int, observe_only: bool, qk_layernorm: bool = False, z_loss: float = 0.0) -> dict:
+    cfg = example.Config(lr=lr, max_steps=steps, grad_clip=0.0, sharpness_every=100, warmup_steps=20,
+                         qk_layernorm=qk_layernorm, z_loss=z_loss)
     pl.seed_everything(cfg.seed, verbose=False)
     train_loader, val_loader = example.make_data(cfg)
     module = example.GPTModule(cfg)

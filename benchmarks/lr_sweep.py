@@ -1,0 +1,90 @@
+"""Learning-rate sensitivity at CPU scale (after Wortsman et al. 2023, "Small-scale proxies
+for large-scale Transformer training instabilities").
+
+    python benchmarks/lr_sweep.py                          # 5 LRs x 3 configurations, about 12 CPU minutes
+    python benchmarks/lr_sweep.py --lrs=0.001,0.01,0.1 --steps=200
+
+Configurations on the example GPT (AdamW, no gradient clipping): ``plain``; ``qk-ln + z-loss``
+(qk-layernorm and z-loss 1e-4, the architectural fix); ``plain + stabmon`` (the monitor
+acting with its default ladder). The plain and qk-ln runs carry the monitor in
+observe-only mode, which changes nothing in them and gives the warning times.
+
+LR sensitivity of a configuration = mean over the LRs of min(final loss, initial loss)
+minus the best final loss over the LRs (lower is better). For every plain run that fails
+(its EMA loss stands ``--margin`` nats above the best plain run's at the same step) the
+warning lead time is the failure step minus the first warning. Writes
+``benchmarks/out/lr_sweep.json`` and the plot ``docs/lr_sweep.png``.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+
+from _common import ROOT, load_example, machine, markdown_table, write_json
+from _plot import line_plot
+from detection import ema, run
+
+CONFIGS = {
+    "plain": {"observe_only": True},
+    "qk-ln + z-loss": {"observe_only": True, "qk_layernorm": True, "z_loss": 1e-4},
+    "plain + stabmon": {"observe_only": False},
+}
+
+
+def main(argv: list[str]) -> None:
+    opts = dict(a[2:].split("=", 1) for a in argv if a.startswith("--") and "=" in a)
+    lrs = [float(x) for x in opts.get("lrs", "0.001,0.003,0.01,0.03,0.1").split(",")]
+    steps, margin = int(opts.get("steps", 300)), float(opts.get("margin", 0.25))
+    example = load_example()
+    results: dict[str, dict[float, dict]] = {name: {} for name in CONFIGS}
+    for lr in lrs:
+        for name, kwargs in CONFIGS.items():
+            res = run(example, lr, steps, **kwargs)
+            results[name][lr] = res
+            print(f"lr {lr:g} {name:16s} final loss {res['losses'][-1]:.3f} val {res['val_loss']:.3f} "
+                  f"findings {len(res['findings'])} actions {len(res['actions'])} ({res['seconds']:.0f} s)", flush=True)
+
+    def final(res: dict) -> float:
+        tail = [x for x in res["losses"][-20:] if math.isfinite(x)]
+        return sum(tail) / len(tail) if len(tail) == 20 else math.inf
+
+    initial = results["plain"][lrs[0]]["losses"][0]
+    rows, sensitivity = [], {}
+    for name in CONFIGS:
+        finals = [final(results[name][lr]) for lr in lrs]
+        sensitivity[name] = sum(min(f, initial) for f in finals) / len(finals) - min(finals)
+        rows.append([name, *(f"{f:.3f}" for f in finals), f"{sensitivity[name]:.3f}"])
+    table = markdown_table(["config", *(f"lr {lr:g}" for lr in lrs), "LR sensitivity"], rows)
+
+    best_lr = min(lrs, key=lambda lr: final(results["plain"][lr]))
+    reference = ema(results["plain"][best_lr]["losses"])
+    lead_rows = []
+    for lr in lrs:
+        res = results["plain"][lr]
+        curve = ema(res["losses"])
+        failed = next((i for i, (a, b) in enumerate(zip(curve, reference)) if i >= 20 and a - b >= margin), None)
+        if failed is None:
+            continue
+        warned = [f["step"] for f in res["findings"] if f["severity"] in ("warning", "critical")]
+        first = min(warned) if warned else None
+        lead_rows.append([f"{lr:g}", failed, first if first is not None else "none",
+                          failed - first if first is not None else "-"])
+    lead_table = markdown_table(["plain lr", "fails at step", "first warning", "lead (steps)"], lead_rows)
+    print(table)
+    print()
+    print(lead_table)
+    plot = line_plot({name: [(lr, final(results[name][lr])) for lr in lrs] for name in CONFIGS},
+                     title=f"final loss (mean of the last 20 steps) after {steps} steps", xlabel="learning rate",
+                     ylabel="loss")
+    (ROOT / "docs").mkdir(exist_ok=True)
+    plot.save(ROOT / "docs" / "lr_sweep.png")
+    info = machine()
+    path = write_json("lr_sweep", {"machine": info, "lrs": lrs, "steps": steps, "initial_loss": initial,
+                                   "sensitivity": sensitivity, "table": table, "lead_table": lead_table,
+                                   "runs": {n: {str(lr): r for lr, r in v.items()} for n, v in results.items()}})
+    print(f"\n{info['device']}, {info['date']}; JSON in {path}; plot in docs/lr_sweep.png")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
