@@ -56,5 +56,5 @@ def line_plot(
             draw.line(coords, fill=color, width=2)
         for cx, cy in coords:
             draw.ellipse([cx - 3, cy - 3, cx + 3, cy + 3], fill=color)
-        draw.text((width - right - 200, top + 8 + 14 * k), f"- {name}", fill=color)
+        draw.text((left + 10, top + 8 + 14 * k), f"- {name}", fill=color)
     return img

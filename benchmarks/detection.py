@@ -7,8 +7,8 @@ On the example GPT (no qk-layernorm, no gradient clipping, AdamW):
 
 * healthy runs at normal learning rates, monitor observing: every finding is a false alarm;
 * a run at ``--unstable_lr``, monitor observing: the first warning, and the step where
-  the run has visibly failed, i.e. where its loss (EMA over 20 steps) first stands
-  ``--margin`` nats above the healthy reference run's at the same step;
+  the run has visibly failed, i.e. from which its loss (EMA over 20 steps) stays
+  ``--margin`` nats or more above the healthy reference run's to the end;
 * the same unstable run with the monitor acting (default ladder): final loss against the
   observing run, at the same step budget.
 
@@ -42,6 +42,19 @@ def ema(values: list[float], span: int = 20) -> list[float]:
         acc = v if acc is None else acc + alpha * (v - acc)
         out.append(acc)
     return out
+
+
+def failure_step(curve: list[float], reference: list[float], margin: float, start: int = 20) -> int | None:
+    """First step from which ``curve`` stays at least ``margin`` above ``reference`` to the end."""
+    failed = None
+    for i, (a, b) in enumerate(zip(curve, reference)):
+        if i < start:
+            continue
+        if a - b >= margin:
+            failed = i if failed is None else failed
+        else:
+            failed = None
+    return failed
 
 
 def run(example, lr: float, steps: int, observe_only: bool, qk_layernorm: bool = False, z_loss: float = 0.0) -> dict:
@@ -84,7 +97,7 @@ def main(argv: list[str]) -> None:
     watched = results["unstable observed"] = run(example, unstable, steps, observe_only=True)
     acted = results["unstable acted"] = run(example, unstable, steps, observe_only=False)
     curve = ema(watched["losses"])
-    failed_at = next((i for i, (a, b) in enumerate(zip(curve, reference)) if i >= 20 and a - b >= margin), None)
+    failed_at = failure_step(curve, reference, margin)
     warnings = [f for f in watched["findings"] if f["severity"] in ("warning", "critical")]
     first_warning = warnings[0]["step"] if warnings else None
     lead = failed_at - first_warning if failed_at is not None and first_warning is not None else None

@@ -3,6 +3,7 @@ for large-scale Transformer training instabilities").
 
     python benchmarks/lr_sweep.py                          # 5 LRs x 3 configurations, about 12 CPU minutes
     python benchmarks/lr_sweep.py --lrs=0.001,0.01,0.1 --steps=200
+    python benchmarks/lr_sweep.py --from_json                # tables and plot again from the saved runs
 
 Configurations on the example GPT (AdamW, no gradient clipping): ``plain``; ``qk-ln + z-loss``
 (qk-layernorm and z-loss 1e-4, the architectural fix); ``plain + stabmon`` (the monitor
@@ -11,19 +12,20 @@ observe-only mode, which changes nothing in them and gives the warning times.
 
 LR sensitivity of a configuration = mean over the LRs of min(final loss, initial loss)
 minus the best final loss over the LRs (lower is better). For every plain run that fails
-(its EMA loss stands ``--margin`` nats above the best plain run's at the same step) the
-warning lead time is the failure step minus the first warning. Writes
+(from some step on, its EMA loss stays ``--margin`` nats or more above the best plain
+run's) the warning lead time is the failure step minus the first warning. Writes
 ``benchmarks/out/lr_sweep.json`` and the plot ``docs/lr_sweep.png``.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import sys
 
-from _common import ROOT, load_example, machine, markdown_table, write_json
+from _common import OUT, ROOT, load_example, machine, markdown_table, write_json
 from _plot import line_plot
-from detection import ema, run
+from detection import ema, failure_step, run
 
 CONFIGS = {
     "plain": {"observe_only": True},
@@ -36,14 +38,20 @@ def main(argv: list[str]) -> None:
     opts = dict(a[2:].split("=", 1) for a in argv if a.startswith("--") and "=" in a)
     lrs = [float(x) for x in opts.get("lrs", "0.001,0.003,0.01,0.03,0.1").split(",")]
     steps, margin = int(opts.get("steps", 300)), float(opts.get("margin", 0.25))
-    example = load_example()
     results: dict[str, dict[float, dict]] = {name: {} for name in CONFIGS}
-    for lr in lrs:
-        for name, kwargs in CONFIGS.items():
-            res = run(example, lr, steps, **kwargs)
-            results[name][lr] = res
-            print(f"lr {lr:g} {name:16s} final loss {res['losses'][-1]:.3f} val {res['val_loss']:.3f} "
-                  f"findings {len(res['findings'])} actions {len(res['actions'])} ({res['seconds']:.0f} s)", flush=True)
+    if "--from_json" in argv:  # recompute the tables and the plot from the last run's JSON
+        saved = json.loads((OUT / "lr_sweep.json").read_text())
+        lrs, steps = saved["lrs"], saved["steps"]
+        results = {name: {float(lr): r for lr, r in runs.items()} for name, runs in saved["runs"].items()}
+    else:
+        example = load_example()
+        for lr in lrs:
+            for name, kwargs in CONFIGS.items():
+                res = run(example, lr, steps, **kwargs)
+                results[name][lr] = res
+                print(f"lr {lr:g} {name:16s} final loss {res['losses'][-1]:.3f} val {res['val_loss']:.3f} "
+                      f"findings {len(res['findings'])} actions {len(res['actions'])} ({res['seconds']:.0f} s)",
+                      flush=True)
 
     def final(res: dict) -> float:
         tail = [x for x in res["losses"][-20:] if math.isfinite(x)]
@@ -63,7 +71,7 @@ def main(argv: list[str]) -> None:
     for lr in lrs:
         res = results["plain"][lr]
         curve = ema(res["losses"])
-        failed = next((i for i, (a, b) in enumerate(zip(curve, reference)) if i >= 20 and a - b >= margin), None)
+        failed = failure_step(curve, reference, margin)
         if failed is None:
             continue
         warned = [f["step"] for f in res["findings"] if f["severity"] in ("warning", "critical")]
