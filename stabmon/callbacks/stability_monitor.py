@@ -92,6 +92,9 @@ class StabilityMonitor(Callback):
     - ``loss/mean``, ``loss/last``, ``loss/max``, ``loss/nonfinite_steps`` over the interval.
     - ``sharpness/top_eigenvalue``, ``sharpness/x_lr``, ``sharpness/preconditioned`` (Adam),
       ``sharpness/eos_ratio`` (1 = edge of stability), ``sharpness/hvps``, ``sharpness/seconds``.
+    - ``findings/warning``, ``findings/critical`` (findings in the interval), ``actions/count``,
+      ``actions/lr_factor`` (the LR multiplier in force); with W&B also ``actions/event``
+      (1 at each action), ``events`` (table) and the attention heatmaps.
 
     Example::
 
