@@ -36,3 +36,9 @@ def check_positive_float(name: str, value: Any) -> None:
     ok = isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value < float("inf")
     if not ok:
         raise ValueError(f"`{name}` must be a positive finite number, got {value!r}")
+
+
+def check_optional_instance(name: str, value: Any, cls: type) -> None:
+    """Raise ``ValueError`` unless ``value`` is None or a ``cls`` (e.g. a stabmon config)."""
+    if value is not None and not isinstance(value, cls):
+        raise ValueError(f"`{name}` must be a stabmon.{cls.__name__} or None, got {value!r}")

@@ -18,18 +18,17 @@ same from a hand-written loop::
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from typing import Any
 
 import torch
 
-import logging
-
 from stabmon._failsoft import FailSoft
+from stabmon._validation import check_bool, check_optional_instance, check_positive_int
 from stabmon.detectors import DetectionConfig, Finding
 from stabmon.interventions import Action, EscalationPolicy, InterventionConfig, LRController, Snapshotter
 from stabmon.interventions.lr import scale_lr_for_next_step
-from stabmon._validation import check_bool, check_positive_int
 from stabmon.probes.attention import AttentionProbe
 from stabmon.probes.capture import ForwardCapture
 from stabmon.probes.gradients import GradientProbe, LossProbe
@@ -115,14 +114,11 @@ class MonitorCore:
         self.logits = LogitProbe() if logits else None
         self.gradients = GradientProbe(model.named_parameters()) if gradients else None
         self.loss = LossProbe()
-        if sharpness is not None and not isinstance(sharpness, SharpnessConfig):
-            raise ValueError(f"`sharpness` must be a SharpnessConfig or None, got {sharpness!r}")
+        check_optional_instance("sharpness", sharpness, SharpnessConfig)
+        check_optional_instance("detection", detection, DetectionConfig)
+        check_optional_instance("intervention", intervention, InterventionConfig)
         self.sharpness = SharpnessProbe(sharpness) if sharpness is not None else None
         self._sharpness_values: dict[str, float] = {}
-        if detection is not None and not isinstance(detection, DetectionConfig):
-            raise ValueError(f"`detection` must be a DetectionConfig or None, got {detection!r}")
-        if intervention is not None and not isinstance(intervention, InterventionConfig):
-            raise ValueError(f"`intervention` must be an InterventionConfig or None, got {intervention!r}")
         self.observe_only = observe_only
         self.detectors = detection.build() if detection is not None else None
         self.policy = EscalationPolicy(intervention) if intervention is not None else None

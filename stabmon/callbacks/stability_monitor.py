@@ -14,7 +14,7 @@ from pytorch_lightning.callbacks import Callback
 from pytorch_lightning.utilities import rank_zero_only
 from typing_extensions import override
 
-from stabmon._validation import check_bool, check_positive_int
+from stabmon._validation import check_bool, check_optional_instance, check_positive_int
 from stabmon.alerts import AlertChannel, AlertDispatcher
 from stabmon.core import MonitorCore
 from stabmon.detectors import DetectionConfig, Finding
@@ -126,17 +126,14 @@ class StabilityMonitor(Callback):
         check_positive_int("sample_every_n_steps", sample_every_n_steps)
         check_positive_int("log_every_n_steps", log_every_n_steps, allow_none=True)
         check_positive_int("sharpness_every_n_steps", sharpness_every_n_steps, allow_none=True)
-        if sharpness is not None and not isinstance(sharpness, SharpnessConfig):
-            raise ValueError(f"`sharpness` must be a stabmon.SharpnessConfig or None, got {sharpness!r}")
+        check_optional_instance("sharpness", sharpness, SharpnessConfig)
+        check_optional_instance("detection", detection, DetectionConfig)
+        check_optional_instance("intervention", intervention, InterventionConfig)
         for name, value in (("observe_only", observe_only), ("attention", attention), ("logits", logits),
                             ("gradients", gradients), ("per_layer", per_layer), ("verbose", verbose)):
             check_bool(name, value)
         if strict is not None:
             check_bool("strict", strict)
-        if detection is not None and not isinstance(detection, DetectionConfig):
-            raise ValueError(f"`detection` must be a stabmon.DetectionConfig or None, got {detection!r}")
-        if intervention is not None and not isinstance(intervention, InterventionConfig):
-            raise ValueError(f"`intervention` must be a stabmon.InterventionConfig or None, got {intervention!r}")
         alerts = list(alerts)
         bad = [a for a in alerts if not isinstance(a, AlertChannel)]
         if bad:

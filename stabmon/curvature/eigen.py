@@ -66,7 +66,7 @@ def random_like(
     return out
 
 
-def _generator(params: Sequence[torch.Tensor], generator: torch.Generator | None, seed: int) -> torch.Generator:
+def _generator(generator: torch.Generator | None, seed: int) -> torch.Generator:
     if generator is not None:
         return generator
     return torch.Generator(device="cpu").manual_seed(seed)
@@ -123,7 +123,7 @@ def top_eigenvalue(
     check_positive_float("tol", tol)
     check_in("method", method, _METHODS)
     params = list(params)
-    v = random_like(params, _generator(params, generator, seed))
+    v = random_like(params, _generator(generator, seed))
     v = _scale(v, 1.0 / float(flat_norm(v)))
     report = callback or (lambda k, value: None)
     if method == "power":
@@ -206,7 +206,7 @@ def hessian_trace(
     """
     check_positive_int("samples", samples)
     params = list(params)
-    gen = _generator(params, generator, seed)
+    gen = _generator(generator, seed)
     values = []
     for _ in range(samples):
         z = random_like(params, gen, kind="rademacher")
