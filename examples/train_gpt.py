@@ -232,11 +232,15 @@ class ProgressPrinter(pl.Callback):
             return
         m = self.monitor.latest_metrics
         elapsed = time.perf_counter() - self.t0
+
+        def show(key: str, spec: str) -> str:  # "n/a" for a value the monitor has not measured (yet)
+            return format(m[key], spec) if key in m else "n/a".rjust(len(format(0.0, spec)))
+
         print(
-            f"step {step:5d} | loss {float(outputs['loss']):.4f} | attn entropy min {m.get('attention/entropy_min', math.nan):.3f}"
-            f" | attn max logit {m.get('attention/max_logit', math.nan):7.2f} | logZ {m.get('logits/logz_mean', math.nan):6.2f}"
-            f" | grad norm {m.get('gradients/norm', math.nan):.3f} | sharpness {m.get('sharpness/top_eigenvalue', math.nan):6.1f}"
-            f" (EoS ratio {m.get('sharpness/eos_ratio', math.nan):.2f}) | {elapsed / max(1, step):.3f} s/step",
+            f"step {step:5d} | loss {float(outputs['loss']):.4f} | attn entropy min {show('attention/entropy_min', '.3f')}"
+            f" | attn max logit {show('attention/max_logit', '7.2f')} | logZ {show('logits/logz_mean', '6.2f')}"
+            f" | grad norm {show('gradients/norm', '.3f')} | sharpness {show('sharpness/top_eigenvalue', '6.1f')}"
+            f" (EoS ratio {show('sharpness/eos_ratio', '.2f')}) | {elapsed / max(1, step):.3f} s/step",
             flush=True,
         )
 

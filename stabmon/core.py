@@ -31,11 +31,12 @@ from stabmon.interventions import Action, EscalationPolicy, InterventionConfig, 
 from stabmon.interventions.lr import scale_lr_for_next_step
 from stabmon.probes.attention import AttentionProbe
 from stabmon.probes.capture import ForwardCapture
-from stabmon.probes.gradients import GradientProbe, LossProbe
+from stabmon.probes.gradients import GradientProbe
 from stabmon.probes.logits import LogitProbe
+from stabmon.probes.series import StepSeries
 from stabmon.probes.sharpness import SharpnessConfig, SharpnessProbe
 from stabmon.report import RunSummary
-from stabmon.signals import AllReduce, SignalSet, torch_distributed_all_reduce
+from stabmon.signals import AllReduce, SignalSet, active_all_reduce, torch_distributed_all_reduce, world_size
 
 __all__ = ["MonitorCore"]
 
@@ -112,8 +113,11 @@ class MonitorCore:
 
         self.attention = AttentionProbe() if attention else None
         self.logits = LogitProbe() if logits else None
-        self.gradients = GradientProbe(model.named_parameters()) if gradients else None
-        self.loss = LossProbe()
+        self.gradients = GradientProbe(model.named_parameters(), world=world_size()) if gradients else None
+        self.loss = StepSeries({"mean": "loss/mean", "last": "loss/last", "max": "loss/max",
+                                "nonfinite_steps": "loss/nonfinite_steps"})
+        self.grad_norm = StepSeries({"max": "gradients/norm_max", "min": "gradients/norm_min",
+                                     "mean": "gradients/norm_mean", "nonfinite_steps": "gradients/nonfinite_steps"})
         check_optional_instance("sharpness", sharpness, SharpnessConfig)
         check_optional_instance("detection", detection, DetectionConfig)
         check_optional_instance("intervention", intervention, InterventionConfig)
@@ -128,7 +132,7 @@ class MonitorCore:
         self.actions_taken: list[Action] = []
         self.stop_reason: str | None = None
         self._optimizer: torch.optim.Optimizer | None = None
-        self._step_loss: torch.Tensor | None = None
+        self._step_losses: list[torch.Tensor] = []  # the micro-batches' losses of the current step
         self._last_finding_step = -(10**9)
         self._restore_lr = lambda: None
         self._interval_findings = {"warning": 0, "critical": 0}
@@ -169,9 +173,9 @@ class MonitorCore:
             self.guard.run("capture", self.capture.detach)
 
     def observe_loss(self, loss: torch.Tensor | None) -> None:
+        """The loss of this micro-batch (kept by reference: no work on the device here)."""
         if isinstance(loss, torch.Tensor):
-            self._step_loss = loss.detach()
-            self.guard.run("loss probe", self.loss.observe, loss)
+            self._step_losses.append(loss.detach())
 
     def sharpness_due(self) -> bool:
         """True when the sharpness probe wants an estimate at the current step."""
@@ -191,33 +195,77 @@ class MonitorCore:
         if loss_fn is not None and self.sharpness_due():
             values = self.guard.run("sharpness probe", self.sharpness.measure, loss_fn, self.model, optimizer)
             self._sharpness_values = values or {}
-        grad_norm = None
+        grad = None
         if self.gradients is not None and not self.gradients.empty:
-            grad_norm = self.guard.run("gradient probe", self.gradients.observe)
+            grad = self.guard.run("gradient probe", self.gradients.observe)
         if optimizer is not None:
             self._optimizer = optimizer
+        loss, self._step_losses = self._step_loss(), []
         if self.detectors is not None:
-            self.guard.run("detection", self._detect_step, grad_norm, optimizer)
+            self.guard.run("detection", self._detect_step, loss, grad, optimizer)
+        else:
+            self.guard.run("signals", self._record_step, loss, grad)
         if self.sampled and self.gradients is not None and not self.gradients.empty:
             self.guard.run("gradient probe", self.gradients.snapshot_parameters)
         if optimizer is not None and not self.observe_only and self.step is not None:
             self._restore_lr = scale_lr_for_next_step(optimizer, self.lr_control.factor(self.step))
 
+    def _step_loss(self) -> torch.Tensor | None:
+        """The step's loss: the one micro-batch loss, or their mean under gradient accumulation."""
+        losses = self._step_losses
+        if not losses:
+            return None
+        return losses[0] if len(losses) == 1 else torch.stack([x.float() for x in losses]).mean()
+
     # -- detection and intervention ---------------------------------------------------------
-    def _detect_step(self, grad_norm: torch.Tensor | None, optimizer: torch.optim.Optimizer | None) -> None:
-        """Per-step detectors on the loss and gradient norm: one small reduction, one host read."""
-        signals = SignalSet()
-        if self._step_loss is not None:
-            signals.add_mean("loss/last", self._step_loss.float(), torch.ones((), device=self._step_loss.device))
-        if grad_norm is not None:
-            signals.add_max("gradients/norm", grad_norm)
-        values = signals.reduce(self._all_reduce)
-        self._step_loss = None
+    def _detect_step(self, loss: torch.Tensor | None, grad: torch.Tensor | None,
+                     optimizer: torch.optim.Optimizer | None) -> None:
+        """Per-step detectors on the loss and gradient norm: one host read (and one small
+        all-reduce when there are several ranks)."""
+        values = self._read_step(loss, grad)
+        if "loss/last" in values:
+            self.loss.add_host(values["loss/last"])
+        if "gradients/norm" in values:
+            self.grad_norm.add_host(values["gradients/norm"])
         findings = self.detectors.on_step(self.step, values)
         self._handle(findings, optimizer, before_step=True)
 
+    def _read_step(self, loss: torch.Tensor | None, grad: torch.Tensor | None) -> dict[str, float]:
+        """``{"loss/last": mean loss over ranks, "gradients/norm": global norm}`` on the host."""
+        names = [n for n, v in (("loss/last", loss), ("gradients/norm", grad)) if v is not None]
+        if not names:
+            return {}
+        parts = [v for v in (loss, grad) if v is not None]
+        all_reduce = active_all_reduce(self._all_reduce)
+        sharded = grad is not None and self.gradients.sharded
+        if all_reduce is None and parts[0].device.type == "cpu":
+            return {name: float(v) for name, v in zip(names, parts)}  # no device to wait for
+        packed = torch.stack([v.float().reshape(()) for v in parts])
+        if all_reduce is not None:
+            # One sum: the loss averages over ranks; a sharded gradient's shares add up to its
+            # square; whole (replicated) norms are the same on every rank, so their mean is exact.
+            scale = torch.full_like(packed, 1.0 / world_size())
+            if sharded:
+                scale[-1] = 1.0
+            packed = all_reduce(packed.double() * scale, "sum")
+        host = packed.tolist()
+        if sharded:
+            host[-1] = max(host[-1], 0.0) ** 0.5
+        return dict(zip(names, host))
+
+    def _record_step(self, loss: torch.Tensor | None, grad: torch.Tensor | None) -> None:
+        """Detection off: keep the step's values on the device; nothing is read before emission."""
+        if loss is not None:
+            self.loss.add_device(loss)
+        if grad is not None:
+            if self.gradients.sharded:  # the shares of the square must meet every step
+                grad = torch_distributed_all_reduce(grad.detach().double(), "sum").sqrt()
+            self.grad_norm.add_device(grad)
+
     def _handle(self, findings: list[Finding], optimizer: torch.optim.Optimizer | None, before_step: bool) -> None:
         step = self.step
+        if not findings and not (self.policy is not None and self.policy.skipping(step)):
+            return  # the common case: nothing to record, nothing to decide
         for f in findings:
             self.findings.append(f)
             self._interval_findings[f.severity] = self._interval_findings.get(f.severity, 0) + 1
@@ -268,6 +316,12 @@ class MonitorCore:
     def end_step(self) -> dict[str, float] | None:
         """Finish the step. On emission steps returns the reduced signals (one host sync)."""
         self.end_forward()
+        if self._step_losses:  # a step without before_optimizer_step: keep its loss all the same
+            loss, self._step_losses = self._step_loss(), []
+            if self.detectors is not None:
+                self.loss.add_host(float(loss))
+            else:
+                self.loss.add_device(loss)
         step = self.step
         if step is None or not self.should_emit(step):
             return None
@@ -295,7 +349,7 @@ class MonitorCore:
 
     def flush(self) -> dict[str, float] | None:
         """Emit what the steps since the last emission accumulated (call at the end of a run)."""
-        if self.step is None or self.loss.empty:
+        if self.step is None or (self.loss.empty and self.grad_norm.empty):
             return None
         metrics = self.guard.run("signals", self._collect) or {}
         self.summary.update(self.step, metrics)
@@ -308,18 +362,20 @@ class MonitorCore:
             self.attention_modules.update({layer: acc.module for layer, acc in self.attention.layers.items()})
         if self.sampled and self.logits is not None:
             self.logits.signals(signals, prefix="logits")
-        self.loss.signals(signals, prefix="loss")
+        self.loss.signals(signals)
         if self._sharpness_values:
             SharpnessProbe.signals(self._sharpness_values, signals, _device_of(self.model))
             self._sharpness_values = {}
         if self.gradients is not None:
             self.gradients.signals(signals, prefix="gradients", per_layer=self.per_layer)
+            self.grad_norm.signals(signals)
         metrics = signals.reduce(self._all_reduce)
         self._reset_interval()
         return metrics
 
     def _reset_interval(self) -> None:
         self.loss.reset()
+        self.grad_norm.reset()
         if self.gradients is not None:
             self.gradients.reset()
         if self.sampled:

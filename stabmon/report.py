@@ -7,6 +7,8 @@ from typing import Any
 
 __all__ = ["RunSummary"]
 
+_UNSEEN = object()
+
 
 class RunSummary:
     """Folds every emitted metrics dict into run-level extremes.
@@ -43,17 +45,22 @@ class RunSummary:
         self.first_step: int | None = None
         self.last_step: int | None = None
         self.first_loss: float | None = None
+        self._reducers: dict[str, Any] = {}  # key -> its run-level reduction (None: kept as latest only)
 
     def update(self, step: int, metrics: dict[str, float]) -> None:
         if self.first_step is None:
             self.first_step = step
         self.last_step = step
+        self.latest.update(metrics)
+        for key in self._TOTAL:
+            if key in metrics:
+                self.totals[key] += metrics[key]
+        reducers = self._reducers
         for key, value in metrics.items():
-            self.latest[key] = value
-            base = key.rsplit("/", 1)[0] if key.count("/") >= 2 else key
-            if key in self.totals:
-                self.totals[key] += value
-            reduce = self._REDUCE.get(key) or self._REDUCE.get(base)
+            reduce = reducers.get(key, _UNSEEN)
+            if reduce is _UNSEEN:
+                base = key.rsplit("/", 1)[0] if key.count("/") >= 2 else key
+                reduce = reducers[key] = self._REDUCE.get(key) or self._REDUCE.get(base)
             if reduce is not None and math.isfinite(value):
                 self.extremes[key] = reduce(self.extremes.get(key, value), value)
         if self.first_loss is None and math.isfinite(metrics.get("loss/mean", math.nan)):

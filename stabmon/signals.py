@@ -1,106 +1,191 @@
 """Signals: named scalars with their cross-rank reduction, read from the device once.
 
-A probe adds device tensors; nothing is synchronised until ``SignalSet.reduce`` packs
-the values by reduction into at most three tensors, all-reduces them (when a process
-group is up) and reads them to the host in one go. Means travel as (total, count) so
-that ranks combine exactly: never a mean of means.
+A probe adds device tensors (a scalar, or a vector that names one signal per element);
+nothing is synchronised until ``SignalSet.reduce`` packs the pieces by reduction op, runs
+at most one all-reduce per op (sum, max, min) when a process group is up, and reads
+everything to the host with a single copy. Means travel as (total, count) and norms as
+sums of squares, so that ranks combine exactly: never a mean of means, and a norm of
+sharded parameters is the norm of the whole.
+
+A value can carry a ``defined`` count: when the count summed over ranks is 0 (no finite
+step in the interval, no live row) the signal is left out instead of reported as NaN.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import math
+from collections.abc import Callable, Sequence
 
 import torch
 
-__all__ = ["SignalSet", "AllReduce", "torch_distributed_all_reduce"]
+__all__ = ["SignalSet", "AllReduce", "active_all_reduce", "torch_distributed_all_reduce"]
 
 # all_reduce(tensor, op) -> reduced tensor, op one of "sum", "max", "min".
 AllReduce = Callable[[torch.Tensor, str], torch.Tensor]
 
+_OPS = ("sum", "max", "min")
+
 
 class SignalSet:
-    """Collects scalar signals with a declared reduction.
+    """Collects signals with a declared reduction.
+
+    Kinds (each ``add_*`` takes a scalar; ``names`` with a vector gives one signal per element):
+    ``sum``, ``max``, ``min`` of the values over ranks; ``mean`` = sum(total) / sum(count);
+    ``min_of_means`` = the smallest ``sum(total_i) / sum(count_i)`` (e.g. over heads);
+    ``norm`` = sqrt(sum(squares)); ``ratio`` = sqrt(sum(a)) / sqrt(sum(b)) (norm ratios);
+    ``add_host`` takes a float that is already on the host.
 
     Example:
         >>> s = SignalSet()
         >>> s.add_max("attention/max_logit", torch.tensor(3.0))
         >>> s.add_mean("loss/mean", torch.tensor(6.0), torch.tensor(3))
         >>> s.add_min_of_means("entropy_min", torch.tensor([2.0, 9.0]), torch.tensor([2, 3]))
+        >>> s.add_norm(["norm/a", "norm/b"], torch.tensor([9.0, 16.0]))
+        >>> s.add_max("empty", torch.tensor(float("-inf")), defined=torch.tensor(0.0))
         >>> s.reduce()
-        {'attention/max_logit': 3.0, 'loss/mean': 2.0, 'entropy_min': 1.0}
+        {'attention/max_logit': 3.0, 'loss/mean': 2.0, 'entropy_min': 1.0, 'norm/a': 3.0, 'norm/b': 4.0}
     """
 
-    def __init__(self) -> None:
-        # name -> (kind, tensors); kind in sum / max / min / mean / min_of_means
-        self._entries: dict[str, tuple[str, tuple[torch.Tensor, ...]]] = {}
+    def __init__(self, device: torch.device | str = "cpu") -> None:
+        self.device = torch.device(device)  # where host values travel when there is no device entry
+        # (kind, names, [(op, tensor)], defined tensor or None); names is a str or a list
+        self._entries: list[tuple[str, str | Sequence[str], list[tuple[str, torch.Tensor]], torch.Tensor | None]] = []
+        self._host: dict[str, tuple[float, str]] = {}
 
     def __len__(self) -> int:
-        return len(self._entries)
+        return sum(1 if isinstance(names, str) else len(names) for _, names, _, _ in self._entries) + len(self._host)
 
     def __contains__(self, name: str) -> bool:
-        return name in self._entries
+        return name in self._host or any(
+            name == names if isinstance(names, str) else name in names for _, names, _, _ in self._entries
+        )
 
-    def add_sum(self, name: str, value: torch.Tensor) -> None:
-        self._entries[name] = ("sum", (value.detach().reshape(1),))
+    def _add(self, kind: str, names: str | Sequence[str], parts: list[tuple[str, torch.Tensor]],
+             defined: torch.Tensor | None = None) -> None:
+        self._entries.append((kind, names, parts, defined))
 
-    def add_max(self, name: str, value: torch.Tensor) -> None:
-        self._entries[name] = ("max", (value.detach().reshape(1),))
+    def add_sum(self, name: str | Sequence[str], value: torch.Tensor, defined: torch.Tensor | None = None) -> None:
+        self._add("sum", name, [("sum", value)], defined)
 
-    def add_min(self, name: str, value: torch.Tensor) -> None:
-        self._entries[name] = ("min", (value.detach().reshape(1),))
+    def add_max(self, name: str | Sequence[str], value: torch.Tensor, defined: torch.Tensor | None = None) -> None:
+        self._add("max", name, [("max", value)], defined)
 
-    def add_mean(self, name: str, total: torch.Tensor, count: torch.Tensor) -> None:
+    def add_min(self, name: str | Sequence[str], value: torch.Tensor, defined: torch.Tensor | None = None) -> None:
+        self._add("min", name, [("min", value)], defined)
+
+    def add_mean(self, name: str | Sequence[str], total: torch.Tensor, count: torch.Tensor) -> None:
         """A mean over ranks computed as sum(total) / sum(count); omitted when the count is 0."""
-        self._entries[name] = ("mean", (total.detach().reshape(1), count.detach().reshape(1)))
+        self._add("mean", name, [("sum", total), ("sum", count)])
 
     def add_min_of_means(self, name: str, totals: torch.Tensor, counts: torch.Tensor) -> None:
         """``min_i sum(totals_i) / sum(counts_i)`` over the ``i`` with a count (e.g. heads)."""
-        self._entries[name] = ("min_of_means", (totals.detach().reshape(-1), counts.detach().reshape(-1)))
+        self._add("min_of_means", name, [("sum", totals), ("sum", counts)])
+
+    def add_norm(self, name: str | Sequence[str], squares: torch.Tensor) -> None:
+        """``sqrt(sum over ranks of squares)``: the norm of a tensor split (or replicated and
+        weighted) across ranks, from each rank's sum of squares."""
+        self._add("norm", name, [("sum", squares)])
+
+    def add_ratio(self, name: str | Sequence[str], num_squares: torch.Tensor, den_squares: torch.Tensor) -> None:
+        """``sqrt(sum(num)) / sqrt(sum(den))``: a ratio of two norms (e.g. update over weight)."""
+        self._add("ratio", name, [("sum", num_squares), ("sum", den_squares)])
+
+    def add_host(self, name: str, value: float, op: str | None = "max") -> None:
+        """A value already on the host; ``op`` combines it across ranks (sum, max or min), None
+        for a value that is already the same on every rank."""
+        self._host[name] = (float(value), op)
 
     def reduce(self, all_reduce: AllReduce | None = None) -> dict[str, float]:
-        """Reduce across ranks (when ``all_reduce`` is given) and read to the host: one sync."""
-        if not self._entries:
-            return {}
-        # Pack every piece into one 1-D tensor per reduction op; remember where each went.
-        packs: dict[str, list[torch.Tensor]] = {"sum": [], "max": [], "min": []}
-        where: dict[str, list[tuple[str, int, int]]] = {}
-        offsets = {"sum": 0, "max": 0, "min": 0}
-        for name, (kind, parts) in self._entries.items():
-            op = kind if kind in packs else "sum"
-            where[name] = []
-            for part in parts:
-                packs[op].append(part)
-                where[name].append((op, offsets[op], offsets[op] + part.numel()))
-                offsets[op] += part.numel()
-        host: dict[str, list[float]] = {}
-        for op, parts in packs.items():
-            if not parts:
-                continue
-            device = parts[0].device
-            packed = torch.cat([p.to(device=device, dtype=torch.float64) for p in parts])
-            if all_reduce is not None:
-                packed = all_reduce(packed, op)
-            host[op] = packed.tolist()
+        """Reduce across ranks (when ``all_reduce`` is given) and read to the host: one copy."""
+        all_reduce = active_all_reduce(all_reduce)
+        travelling = [n for n, (_, op) in self._host.items() if op is not None] if all_reduce is not None else []
+        if not self._entries and not travelling:
+            return {name: value for name, (value, _) in self._host.items()}
+        device = self._entries[0][2][0][1].device if self._entries else self.device
+        packs: dict[str, list[torch.Tensor]] = {op: [] for op in _OPS}
+        sizes: dict[str, int] = dict.fromkeys(_OPS, 0)
+        layout = []  # per entry: [(op, start, stop)] of its parts, then of its defined count
+        for _, _, parts, defined in self._entries:
+            where = []
+            for op, tensor in (parts if defined is None else [*parts, ("sum", defined)]):
+                flat = tensor.detach().reshape(-1)
+                packs[op].append(flat)
+                where.append((op, sizes[op], sizes[op] + flat.numel()))
+                sizes[op] += flat.numel()
+            layout.append(where)
+        host_where: dict[str, tuple[str, int]] = {}  # name -> (op, position) when the host values travel too
+        if travelling:
+            for op in _OPS:
+                names = [n for n, (_, o) in self._host.items() if o == op]
+                if names:
+                    packs[op].append(torch.tensor([self._host[n][0] for n in names], dtype=torch.float64,
+                                                  device=device))
+                    host_where.update((n, (op, sizes[op] + i)) for i, n in enumerate(names))
+                    sizes[op] += len(names)
+        present = [op for op in _OPS if packs[op]]
+        for op in present:  # a probe on another device (rare): bring its pieces over
+            packs[op] = [p if p.device == device else p.to(device) for p in packs[op]]
+        if all_reduce is None:  # one concatenation, one copy to the host
+            flat_host = torch.cat([p for op in present for p in packs[op]]).tolist()
+        else:  # float64, so that sums of counts and of losses over ranks stay exact
+            reduced = [all_reduce(torch.cat(packs[op]).to(torch.float64), op) for op in present]
+            flat_host = (torch.cat(reduced) if len(reduced) > 1 else reduced[0]).tolist()
+        base, offset = {}, 0
+        for op in present:
+            base[op] = offset
+            offset += sizes[op]
         out: dict[str, float] = {}
-        for name, (kind, _) in self._entries.items():
-            values = [host[op][a:b] for op, a, b in where[name]]
-            if kind in ("sum", "max", "min"):
-                out[name] = values[0][0]
-            elif kind == "mean":
-                if values[1][0] > 0:
-                    out[name] = values[0][0] / values[1][0]
+        for (kind, names, _, defined), where in zip(self._entries, layout):
+            values = [flat_host[base[op] + a: base[op] + b] for op, a, b in where]
+            keep = [c > 0 for c in values.pop()] if defined is not None else None
+            results = _combine(kind, values)
+            if isinstance(names, str):
+                if results and (keep is None or keep[0]) and results[0] is not None:
+                    out[names] = results[0]
             else:
-                means = [t / c for t, c in zip(*values) if c > 0]
-                if means:
-                    out[name] = min(means)
+                for i, name in enumerate(names):
+                    if results[i] is not None and (keep is None or keep[i]):
+                        out[name] = results[i]
+        for name, (value, _) in self._host.items():
+            op_pos = host_where.get(name)
+            out[name] = value if op_pos is None else flat_host[base[op_pos[0]] + op_pos[1]]
         return out
+
+
+def _combine(kind: str, values: list[list[float]]) -> list[float | None]:
+    """Finish one entry from its reduced pieces; None where a signal is undefined."""
+    if kind in _OPS:
+        return values[0]
+    if kind == "mean":
+        return [t / c if c > 0 else None for t, c in zip(*values)]
+    if kind == "norm":
+        return [math.sqrt(max(s, 0.0)) if s == s else s for s in values[0]]
+    if kind == "ratio":
+        return [math.sqrt(max(a, 0.0)) / max(math.sqrt(max(b, 0.0)), 1e-12) if a == a and b == b else math.nan
+                for a, b in zip(*values)]
+    means = [t / c for t, c in zip(*values) if c > 0]  # min_of_means
+    return [min(means) if means else None]
+
+
+def active_all_reduce(all_reduce: AllReduce | None) -> AllReduce | None:
+    """``all_reduce``, or None when it is the torch.distributed one and there is no second rank."""
+    if all_reduce is torch_distributed_all_reduce and world_size() == 1:
+        return None
+    return all_reduce
+
+
+def world_size() -> int:
+    """Ranks in the default torch.distributed process group (1 without one)."""
+    import torch.distributed as dist
+
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
 def torch_distributed_all_reduce(tensor: torch.Tensor, op: str) -> torch.Tensor:
     """``AllReduce`` over the default torch.distributed process group (no-op without one)."""
     import torch.distributed as dist
 
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    if world_size() == 1:
         return tensor
     reduce_op = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}[op]
     tensor = tensor.clone()

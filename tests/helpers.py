@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
-import pytorch_lightning as pl
+import functools
+import importlib
+from types import ModuleType, SimpleNamespace
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
+
+try:  # the tests of `lightning.pytorch` alone run these helpers without `pytorch_lightning`
+    import pytorch_lightning as pl
+except ImportError:
+    pl = None
 
 
 class TinyAttention(nn.Module):
@@ -42,39 +50,66 @@ class TinyTransformer(nn.Module):
         return self.head(x)
 
 
-class TinyLM(pl.LightningModule):
-    """Next-token prediction on random tokens with SGD (deterministic on CPU)."""
+def _lightning_modules(base: type) -> tuple[type, type]:
+    """TinyLM and TinyMLP on the ``LightningModule`` of one Lightning namespace."""
 
-    def __init__(self, lr: float = 0.1, use_cross_entropy: bool = True, **model_kwargs) -> None:
-        super().__init__()
-        self.model = TinyTransformer(**model_kwargs)
-        self.lr = lr
-        self.use_cross_entropy = use_cross_entropy
+    class TinyLM(base):
+        """Next-token prediction on random tokens with SGD (deterministic on CPU)."""
 
-    def training_step(self, batch, batch_idx):
-        x, y = batch
-        logits = self.model(x)
-        if self.use_cross_entropy:
-            return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
-        return (logits.logsumexp(-1) - logits.gather(-1, y.unsqueeze(-1)).squeeze(-1)).mean()
+        def __init__(self, lr: float = 0.1, use_cross_entropy: bool = True, **model_kwargs) -> None:
+            super().__init__()
+            self.model = TinyTransformer(**model_kwargs)
+            self.lr = lr
+            self.use_cross_entropy = use_cross_entropy
 
-    def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=self.lr, momentum=0.9)
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            logits = self.model(x)
+            if self.use_cross_entropy:
+                return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
+            return (logits.logsumexp(-1) - logits.gather(-1, y.unsqueeze(-1)).squeeze(-1)).mean()
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=self.lr, momentum=0.9)
+
+    class TinyMLP(base):
+        """No attention, no cross-entropy: a regression MLP."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1))
+
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            return F.mse_loss(self.net(x), y)
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.05)
+
+    class Faulty(TinyLM):
+        """Multiplies the loss at given steps (NaN or a large factor)."""
+
+        def __init__(self, faults, **kwargs):
+            super().__init__(**kwargs)
+            self.faults = faults
+
+        def training_step(self, batch, batch_idx):
+            loss = super().training_step(batch, batch_idx)
+            return loss * self.faults[self.global_step] if self.global_step in self.faults else loss
+
+    return TinyLM, TinyMLP, Faulty
 
 
-class TinyMLP(pl.LightningModule):
-    """No attention, no cross-entropy: a regression MLP."""
+TinyLM, TinyMLP, Faulty = _lightning_modules(pl.LightningModule) if pl is not None else (None, None, None)
 
-    def __init__(self) -> None:
-        super().__init__()
-        self.net = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1))
 
-    def training_step(self, batch, batch_idx):
-        x, y = batch
-        return F.mse_loss(self.net(x), y)
-
-    def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=0.05)
+@functools.cache
+def lightning(namespace: str) -> SimpleNamespace:
+    """The test models and trainer of ``"pytorch_lightning"`` or ``"lightning.pytorch"``."""
+    ns: ModuleType = importlib.import_module(namespace)
+    lm, mlp, faulty = (TinyLM, TinyMLP, Faulty) if ns is pl else _lightning_modules(ns.LightningModule)
+    return SimpleNamespace(ns=ns, TinyLM=lm, TinyMLP=mlp, Faulty=faulty,
+                           quiet_trainer=functools.partial(quiet_trainer, trainer_class=ns.Trainer))
 
 
 def token_loader(n: int = 64, seq: int = 12, vocab: int = 32, batch_size: int = 8, seed: int = 0) -> DataLoader:
@@ -89,10 +124,10 @@ def regression_loader(n: int = 64, batch_size: int = 8, seed: int = 0) -> DataLo
     return DataLoader(TensorDataset(x, x.sum(-1, keepdim=True)), batch_size=batch_size)
 
 
-def quiet_trainer(**kwargs) -> pl.Trainer:
+def quiet_trainer(trainer_class: type | None = None, **kwargs):
     defaults = dict(
         accelerator="cpu", devices=1, enable_checkpointing=False, enable_progress_bar=False,
         enable_model_summary=False, logger=False, log_every_n_steps=1,
     )
     defaults.update(kwargs)
-    return pl.Trainer(**defaults)
+    return (trainer_class or pl.Trainer)(**defaults)

@@ -6,25 +6,27 @@ import os
 import sys
 from collections.abc import Sequence
 from dataclasses import replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import pytorch_lightning as pl
 import torch
-from pytorch_lightning.callbacks import Callback
-from pytorch_lightning.utilities import rank_zero_only
 from typing_extensions import override
 
 from stabmon._validation import check_bool, check_optional_instance, check_positive_int
 from stabmon.alerts import AlertChannel, AlertDispatcher
+from stabmon.callbacks._lightning import CALLBACK_BASES, logger_kind, namespace_of
 from stabmon.core import MonitorCore
 from stabmon.detectors import DetectionConfig, Finding
 from stabmon.interventions import Action, InterventionConfig
+from stabmon.keys import logged_key, logged_metrics, split_layers
 from stabmon.probes.sharpness import SharpnessConfig
+
+if TYPE_CHECKING:
+    import pytorch_lightning as pl
 
 __all__ = ["StabilityMonitor"]
 
 
-class StabilityMonitor(Callback):
+class StabilityMonitor(*CALLBACK_BASES):
     r"""Watches a training run for the signs that come before a divergence.
 
     With no arguments it samples every 50th step: on those steps every
@@ -73,12 +75,18 @@ class StabilityMonitor(Callback):
     Raises:
         ValueError: an argument outside its allowed values (the message names it).
 
-    Logged metrics (each under ``{log_key_prefix}/``; ``<layer>`` is ``layer_00``,
-    ``layer_01``, ... in attention call order, or a parameter-group name such as
-    ``transformer_h_0`` for norms):
+    Logged metrics: each key is ``<log_key_prefix>-<family>/<name>[/<layer>]``, so W&B and
+    TensorBoard give every family a section of its own (``stabmon-attention``,
+    ``stabmon-gradients``, ...). ``<layer>`` is ``layer_00``, ``layer_01``, ... in attention call
+    order, or a parameter-group name such as ``transformer_h_0`` for norms. A per-layer signal
+    is one chart with a line per layer, ``<prefix>-<family>/<name>/by_layer``, on W&B (a line
+    series, refreshed every ``wandb_heatmap_every_n_steps`` and at the end) and on TensorBoard
+    (``add_scalars``); other loggers and ``trainer.callback_metrics`` get the flat per-layer keys. A value that
+    is undefined (no finite step in the interval, no Adam state yet) is left out, never NaN.
 
-    - ``attention/entropy_min[/<layer>]``: smallest attention entropy (nats) of any query
-      row and head in the sampled forward. A collapse towards 0 means heads attend to one key.
+    - ``attention/entropy_min[/<layer>]``: smallest attention entropy (nats) of any head in the
+      sampled forward (a head's entropy is the mean over its query rows). A collapse towards 0
+      means heads attend to one key.
     - ``attention/entropy_mean[/<layer>]``: mean attention entropy (nats) over rows and heads.
     - ``attention/max_logit[/<layer>]``: largest pre-softmax attention score.
     - ``logits/logz_mean``, ``logits/logz_max``: output log-partition log Z over tokens
@@ -94,13 +102,18 @@ class StabilityMonitor(Callback):
       ``sharpness/eos_ratio`` (1 = edge of stability), ``sharpness/hvps``, ``sharpness/seconds``.
     - ``findings/warning``, ``findings/critical`` (findings in the interval), ``actions/count``,
       ``actions/lr_factor`` (the LR multiplier in force); with W&B also ``actions/event``
-      (1 at each action), ``events`` (table) and the attention heatmaps.
+      (1 at each action), ``actions/events`` (table) and the attention heatmaps.
+
+    It is a callback of ``pytorch_lightning`` and of ``lightning.pytorch`` alike (whichever is
+    installed, or both): ``isinstance(monitor, lightning.pytorch.Callback)`` holds, and loggers
+    and rank-zero checks are those of the Trainer it runs in.
 
     Example::
 
-        trainer = pl.Trainer(callbacks=[StabilityMonitor()], max_steps=1000)
+        trainer = pl.Trainer(callbacks=[StabilityMonitor()], max_steps=1000)  # or lightning.pytorch.Trainer
         trainer.fit(model, datamodule)
         print(trainer.callbacks[0].latest_metrics["attention/entropy_min"])
+        trainer.callback_metrics["stabmon-attention/entropy_min"]
     """
 
     def __init__(
@@ -263,10 +276,11 @@ class StabilityMonitor(Callback):
             self.core.guard.run("sinks", self._report, self.core.step, False)
             if self.wandb is not None:
                 self.core.guard.run("wandb", self.wandb.log_events, self.core.step)
+                self.core.guard.run("wandb", self.wandb.log_series, self.core.step)
         if self.alerts is not None:
             self.alerts.close()
-        if self.verbose:
-            self._print_summary()
+        if self.verbose and trainer.is_global_zero:
+            print(self.summary(), flush=True)
 
     @override
     def on_exception(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", exception: BaseException) -> None:
@@ -320,11 +334,10 @@ class StabilityMonitor(Callback):
 
     def _find_wandb(self, trainer: "pl.Trainer") -> None:
         """W&B extras when the trainer logs to W&B (or a wandb run is active); else nothing."""
-        from pytorch_lightning.loggers import WandbLogger
-
+        ns = namespace_of(trainer)
         run = None
         for logger in trainer.loggers:
-            if isinstance(logger, WandbLogger):
+            if logger_kind(logger, ns) == "wandb":
                 run = logger.experiment
         if run is None and "wandb" in sys.modules:
             run = sys.modules["wandb"].run
@@ -353,17 +366,29 @@ class StabilityMonitor(Callback):
                 self.wandb.heatmaps(step, self.core.last_head_maps, self.core.attention_modules)
 
     def _emit(self, trainer: "pl.Trainer", step: int, metrics: dict[str, float]) -> None:
+        """To every logger (one chart per per-layer signal where the logger can draw it) and
+        into ``callback_metrics``, so that ModelCheckpoint / EarlyStopping can monitor the values."""
         self.latest_metrics.update(metrics)
-        prefixed = {f"{self.log_key_prefix}/{key}": value for key, value in metrics.items()}
-        # Like LearningRateMonitor: straight to the loggers at our own cadence, and into
-        # callback_metrics so that ModelCheckpoint / EarlyStopping can monitor the values.
-        for logger in trainer.loggers:
-            logger.log_metrics(prefixed, step=step)
-        trainer.callback_metrics.update({k: torch.tensor(v) for k, v in prefixed.items()})
-
-    @rank_zero_only
-    def _print_summary(self) -> None:
-        print(self.summary(), flush=True)
+        prefix = self.log_key_prefix
+        flat = logged_metrics(prefix, metrics)
+        # Like LearningRateMonitor: straight to the loggers at our own cadence.
+        if trainer.is_global_zero and trainer.loggers:
+            ns = namespace_of(trainer)
+            plain, series = split_layers(metrics)
+            for logger in trainer.loggers:
+                kind = logger_kind(logger, ns)
+                if kind == "tensorboard":
+                    logger.log_metrics(logged_metrics(prefix, plain), step=step)
+                    for name, by_layer in series.items():
+                        logger.experiment.add_scalars(logged_key(prefix, f"{name}/by_layer"), by_layer, step)
+                elif kind == "wandb" and self.wandb is not None:
+                    logger.log_metrics(logged_metrics(prefix, plain), step=step)
+                    self.wandb.add_series(step, series)
+                else:
+                    logger.log_metrics(flat, step=step)
+        # One tensor for all values, viewed per key: no tensor constructor per key.
+        values = torch.tensor(list(flat.values()), dtype=torch.float32).unbind()
+        trainer.callback_metrics.update(zip(flat, values))
 
 
 def _head_of_batch(batch: Any, rows: int) -> Any:

@@ -106,12 +106,20 @@ class DetectorSet:
 
     def __init__(self, per_step: list[Detector], sampled: list[Detector]) -> None:
         self.per_step, self.sampled = per_step, sampled
+        # signal families the sampled detectors read: the rest of an emission is not shown to them
+        self._families = {name.split("/", 1)[0] for d in sampled
+                          for name in (getattr(d, "signal", None), *getattr(d, "signals", ()), *getattr(d, "counts", ()))
+                          if name}
 
     def on_step(self, step: int, values: dict[str, float]) -> list[Finding]:
         return [f for d in self.per_step for f in d.update(step, values)]
 
     def on_sample(self, step: int, values: dict[str, float]) -> list[Finding]:
-        return [f for d in self.sampled for f in d.update(step, values)]
+        families = self._families
+        relevant = {k: v for k, v in values.items() if k.split("/", 1)[0] in families}
+        if not relevant:
+            return []
+        return [f for d in self.sampled for f in d.update(step, relevant)]
 
     def quiet_until(self, step: int, names: tuple[str, ...] = ("loss_spike", "grad_norm_spike")) -> None:
         """Expected rise (the monitor's own intervention): those detectors neither alarm nor learn."""

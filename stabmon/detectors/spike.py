@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import bisect
 import math
-import statistics
 from collections import deque
 from typing import Any
 
@@ -65,7 +65,13 @@ class SpikeDetector(Detector):
         self.z_warning, self.z_critical = z_warning, z_critical
         self.window, self.warmup, self.min_scale, self.log_scale = window, warmup, min_scale, log_scale
         self.name = name or f"{signal.replace('/', '_')}_spike"
-        self._history: deque[float] = deque(maxlen=window)
+        self._history: deque[float] = deque()  # insertion order, at most `window` values
+        # The same values kept sorted, and their logarithms (-inf for values <= 0), sorted too:
+        # a median is then an index, and a step costs O(window) instead of two sorts.
+        self._sorted: list[float] = []
+        self._sorted_log: list[float] = []
+        self._baseline: tuple[bool, float, float] | None = None  # (log scale, median, scale), refreshed lazily
+        self._baseline_age = 0
         self.last_z: float | None = None
 
     def update(self, step: int, values: dict[str, float]) -> list[Finding]:
@@ -76,14 +82,10 @@ class SpikeDetector(Detector):
         if self.quiet(step):
             return []
         if len(self._history) >= self.warmup:
-            use_log = self.log_scale and x > 0 and min(self._history) > 0
-            hist = [math.log(v) for v in self._history] if use_log else list(self._history)
-            value = math.log(x) if use_log else x
-            median = statistics.median(hist)
-            mad = statistics.median(abs(v - median) for v in hist)
-            floor = self.min_scale if use_log else self.min_scale * abs(median)
-            scale = max(1.4826 * mad, floor, 1e-12)
-            z = (value - median) / scale
+            use_log = self.log_scale and x > 0 and self._sorted[0] > 0
+            z, median, scale = self._z(x, use_log, fresh=False)
+            if z >= _NEAR * self.z_warning:  # near or past the threshold: decide on exact statistics
+                z, median, scale = self._z(x, use_log, fresh=True)
             self.last_z = z
             if z >= self.z_warning:
                 severity = "critical" if z >= self.z_critical else "warning"
@@ -93,14 +95,60 @@ class SpikeDetector(Detector):
                 return [Finding(step, self.signal, severity, x, threshold,
                                 f"{self.signal} spike: {x:.4g} is {z:.1f} robust std above its median {center:.4g}"
                                 + (" (log scale)" if use_log else ""), self.name)]
-        self._history.append(x)
+        self._append(x)
         return []
+
+    def _z(self, x: float, use_log: bool, fresh: bool) -> tuple[float, float, float]:
+        """z-score of ``x`` with the median and scale of the history.
+
+        The baseline of a 100-step window moves slowly: it is recomputed every ``_REFRESH``
+        values (or when asked for ``fresh``), so most steps cost one subtraction.
+        """
+        base = self._baseline
+        if fresh or base is None or base[0] != use_log or self._baseline_age >= _REFRESH:
+            hist = self._sorted_log if use_log else self._sorted
+            median = _median(hist)
+            mad = _median(sorted([abs(v - median) for v in hist]))
+            floor = self.min_scale if use_log else self.min_scale * abs(median)
+            base = self._baseline = (use_log, median, max(1.4826 * mad, floor, 1e-12))
+            self._baseline_age = 0
+        _, median, scale = base
+        return ((math.log(x) if use_log else x) - median) / scale, median, scale
+
+    def _append(self, x: float) -> None:
+        self._baseline_age += 1
+        if len(self._history) == self.window:
+            old = self._history.popleft()
+            del self._sorted[bisect.bisect_left(self._sorted, old)]
+            del self._sorted_log[bisect.bisect_left(self._sorted_log, _log(old))]
+        self._history.append(x)
+        bisect.insort(self._sorted, x)
+        bisect.insort(self._sorted_log, _log(x))
 
     def state_dict(self) -> dict[str, Any]:
         return {**super().state_dict(), "history": list(self._history)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)
-        self._history = deque((float(v) for v in state["history"]), maxlen=self.window)
+        self._history, self._sorted, self._sorted_log = deque(), [], []
+        for v in state["history"][-self.window:]:
+            self._append(float(v))
+
+
+# Values between exact baseline recomputations, and the fraction of the warning z-score from
+# which a value is judged on exact statistics: every finding is computed exactly.
+_REFRESH = 8
+_NEAR = 0.75
+
+
+def _log(x: float) -> float:
+    return math.log(x) if x > 0 else -math.inf
+
+
+def _median(values: list[float]) -> float:
+    """Median of a sorted list (``statistics.median`` semantics)."""
+    n = len(values)
+    mid = n // 2
+    return values[mid] if n % 2 else (values[mid - 1] + values[mid]) / 2
 
 

@@ -17,6 +17,8 @@ from typing import NamedTuple
 
 import torch
 
+from stabmon.kernels._workspace import scratch
+
 __all__ = ["LogitStats", "logit_stats", "logit_stats_chunked", "logit_stats_reference"]
 
 # Logit elements converted to float32 at once by the chunked path (16 MB).
@@ -39,15 +41,16 @@ def _check_logits(logits: torch.Tensor) -> None:
         raise ValueError(f"`logits` must be a floating point tensor, got dtype {logits.dtype}")
 
 
-def _row_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    m = x.amax(dim=-1, keepdim=True)
+def _row_stats(x: torch.Tensor, work_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    m = x.amax(dim=-1, keepdim=True).to(work_dtype)
     # Floor x - m at -80: exp is many times slower on CPU where it underflows, and such a
     # term (below e^-80) is invisible next to the max's e^0. -inf logits count as e^-80.
-    shifted = (x - m.nan_to_num(neginf=0.0)).clamp_(min=-80.0)
-    e = torch.exp(shifted)
+    # Both block-sized tensors live in reused buffers (see kernels/_workspace.py).
+    shifted = torch.sub(x, m.nan_to_num(neginf=0.0), out=scratch(0, x.shape, work_dtype, x.device)).clamp_(min=-80.0)
+    e = torch.exp(shifted, out=scratch(1, x.shape, work_dtype, x.device))
     l = e.sum(-1)  # noqa: E741
     log_l = torch.log(l)
-    t = (e * shifted).sum(-1)
+    t = shifted.mul_(e).sum(-1)
     m = m.squeeze(-1)
     return m + log_l, m, (log_l - t / l).clamp_min(0)
 
@@ -63,7 +66,7 @@ def logit_stats_chunked(logits: torch.Tensor, *, max_block_elements: int = DEFAU
     out = torch.empty(3, rows.shape[0], dtype=torch.float32, device=logits.device)
     block = max(1, max_block_elements // v)
     for r0 in range(0, rows.shape[0], block):
-        lse, mx, ent = _row_stats(rows[r0 : r0 + block].to(work_dtype))
+        lse, mx, ent = _row_stats(rows[r0 : r0 + block], work_dtype)
         out[0, r0 : r0 + block] = lse
         out[1, r0 : r0 + block] = mx
         out[2, r0 : r0 + block] = ent

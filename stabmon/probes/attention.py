@@ -98,7 +98,7 @@ class AttentionProbe:
         for layer, acc in self.layers.items():
             out.add_min_of_means(f"{prefix}/entropy_min/{layer}", acc.entropy_sum, acc.row_count)
             out.add_mean(f"{prefix}/entropy_mean/{layer}", acc.entropy_sum.sum(), acc.row_count.sum())
-            out.add_max(f"{prefix}/max_logit/{layer}", acc.max_logit.max())
+            out.add_max(f"{prefix}/max_logit/{layer}", acc.max_logit.max(), defined=acc.row_count.sum())
         layers = list(self.layers.values())
         out.add_min_of_means(
             f"{prefix}/entropy_min",
@@ -110,7 +110,8 @@ class AttentionProbe:
             torch.stack([a.entropy_sum.sum() for a in layers]).sum(),
             torch.stack([a.row_count.sum() for a in layers]).sum(),
         )
-        out.add_max(f"{prefix}/max_logit", torch.stack([a.max_logit.max() for a in layers]).max())
+        out.add_max(f"{prefix}/max_logit", torch.stack([a.max_logit.max() for a in layers]).max(),
+                    defined=torch.stack([a.row_count.sum() for a in layers]).sum())
 
     def head_maps(self) -> dict[str, dict[str, torch.Tensor]]:
         """Per layer: per-head ``entropy_mean``, ``entropy_min`` and ``max_logit`` (host tensors)."""

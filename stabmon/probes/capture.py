@@ -2,9 +2,10 @@
 
 A ``TorchFunctionMode`` is active only while a sampled forward runs. It sees every call
 of ``F.scaled_dot_product_attention`` and ``F.cross_entropy`` with its arguments, hands
-them to the probes and then runs the call unchanged. Module forward hooks, registered
-for the sampled forward only, keep a stack of module names so each attention call is
-attributed to the module that made it (e.g. ``transformer.h.3.attn``).
+them to the probes and then runs the call unchanged. Two global module hooks (one pre-,
+one post-forward), registered for the sampled forward only, keep a stack of module names
+so each attention call is attributed to the module that made it (e.g.
+``transformer.h.3.attn``); the names of the model's modules are looked up once.
 
 On steps that are not sampled nothing is installed: no mode, no hooks.
 """
@@ -16,6 +17,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch.nn.modules.module import register_module_forward_hook, register_module_forward_pre_hook
 from torch.overrides import TorchFunctionMode
 
 __all__ = ["ForwardCapture", "record_attention", "active_capture"]
@@ -93,6 +95,8 @@ class ForwardCapture:
         self._stack: list[str] = []
         self._calls: list[int] = [0]  # attention calls so far in each open forward (and at the top)
         self._handles: list[Any] = []
+        self._names: dict[int, tuple[str, torch.nn.Module]] = {}  # id(module) -> (qualified name, module)
+        self._named_model: torch.nn.Module | None = None
         self._mode: _CaptureMode | None = None
         self.attention_calls = 0
         self.logit_calls = 0
@@ -141,9 +145,12 @@ class ForwardCapture:
         if self._mode is not None:
             return
         if model is not None:
-            for name, module in model.named_modules():
-                self._handles.append(module.register_forward_pre_hook(self._make_push(name)))
-                self._handles.append(module.register_forward_hook(self._pop, always_call=True))
+            if self._named_model is not model:
+                # Modules added to the model later are attributed to their nearest named parent.
+                self._names = {id(m): (name, m) for name, m in model.named_modules()}
+                self._named_model = model
+            self._handles.append(register_module_forward_pre_hook(self._push))
+            self._handles.append(register_module_forward_hook(self._pop, always_call=True))
         self._mode = _CaptureMode(self)
         self._mode.__enter__()
         _active = self
@@ -170,15 +177,18 @@ class ForwardCapture:
         """Context manager form of ``attach`` / ``detach``."""
         return _Watch(self, model)
 
-    def _make_push(self, name: str) -> Callable[..., None]:
-        def push(_module: torch.nn.Module, _args: Any) -> None:
+    def _known(self, module: torch.nn.Module) -> str | None:
+        entry = self._names.get(id(module))
+        return entry[0] if entry is not None and entry[1] is module else None
+
+    def _push(self, module: torch.nn.Module, _args: Any) -> None:
+        name = self._known(module)
+        if name is not None:
             self._stack.append(name)
             self._calls.append(0)
 
-        return push
-
-    def _pop(self, _module: torch.nn.Module, _args: Any, _output: Any) -> None:
-        if self._stack:
+    def _pop(self, module: torch.nn.Module, _args: Any, _output: Any) -> None:
+        if self._stack and self._known(module) is not None:
             self._stack.pop()
             self._calls.pop()
 

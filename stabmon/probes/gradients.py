@@ -1,23 +1,28 @@
 """Gradient probe: gradient, parameter and update norms, globally and per layer.
 
-Per step (before the optimizer step) it computes one norm per gradient tensor with
-torch's fused ``_foreach_norm`` and folds the global norm into running device
-accumulators: no host sync. On sampled steps it also snapshots the parameters so that
-the update-to-weight ratio ``||theta_after - theta_before|| / ||theta_before||`` can be
-measured once the optimizer has stepped; this costs one copy of the trainable
-parameters for the duration of the step, on sampled steps only.
+Every step (before the optimizer step) it computes one norm per gradient tensor with a
+single fused ``_foreach_norm`` (float32 results whatever the parameter dtypes), stacks
+them and returns the global norm; nothing is read to the host here. Per-layer sums,
+parameter norms and the update-to-weight ratio are computed only when the interval is
+emitted or the step is sampled. On sampled steps it snapshots the parameters so that
+``||theta_after - theta_before|| / ||theta_after||`` can be measured once the optimizer has
+stepped (the weight norm is the one after the step, which the emission computes anyway):
+one copy of the trainable parameters for the duration of that step.
+
+Sharded parameters (FSDP2 DTensors) and replicated ones (DDP) are handled through
+weighted sums of squares (``stabmon.distributed``): every norm is that of the whole model.
 """
 
 from __future__ import annotations
 
-from collections import defaultdict
 from collections.abc import Callable, Iterable
 
 import torch
 
+from stabmon.distributed import is_dtensor, local_tensor, square_weight
 from stabmon.signals import SignalSet
 
-__all__ = ["GradientProbe", "LossProbe", "default_layer_name", "tensor_norms"]
+__all__ = ["GradientProbe", "default_layer_name", "tensor_norms"]
 
 
 def default_layer_name(param_name: str) -> str:
@@ -39,140 +44,19 @@ def default_layer_name(param_name: str) -> str:
 def tensor_norms(tensors: list[torch.Tensor], device: torch.device) -> torch.Tensor:
     """L2 norm of each tensor as one float32 tensor ``(len(tensors),)`` on ``device``.
 
-    Tensors are grouped by device and dtype so each group is one fused ``_foreach_norm``.
+    One fused ``_foreach_norm`` over the list (mixed dtypes are fine); sparse tensors and
+    tensors on other devices take a slower path.
+
+    Example:
+        >>> tensor_norms([torch.ones(4), torch.full((9,), 2.0, dtype=torch.float64)], torch.device("cpu"))
+        tensor([2., 6.])
     """
     if not tensors:
         return torch.zeros(0, device=device)
-    groups: dict[tuple[torch.device, torch.dtype], list[int]] = defaultdict(list)
-    for i, t in enumerate(tensors):
-        groups[(t.device, t.dtype)].append(i)
-    out = torch.empty(len(tensors), dtype=torch.float32, device=device)
-    for idx in groups.values():
-        dense = [tensors[i] for i in idx]
-        if any(t.is_sparse for t in dense):
-            norms = [t.coalesce().values().norm() if t.is_sparse else t.norm() for t in dense]
-        else:
-            norms = torch._foreach_norm(dense)
-        out[torch.tensor(idx, device=device)] = torch.stack([n.float().to(device) for n in norms])
-    return out
-
-
-class GradientProbe:
-    """Gradient statistics of the trainable parameters.
-
-    Args:
-        named_parameters: ``model.named_parameters()``; frozen ones are left out.
-        layer_of: maps a parameter name to its layer name (default: ``default_layer_name``).
-
-    Example:
-        >>> model = torch.nn.Linear(4, 2)
-        >>> model(torch.ones(3, 4)).sum().backward()
-        >>> probe = GradientProbe(model.named_parameters())
-        >>> _ = probe.observe()
-        >>> signals = SignalSet(); probe.signals(signals, prefix="gradients")
-        >>> values = signals.reduce()
-        >>> round(values["gradients/norm"], 4) == round(torch.cat([p.grad.flatten() for p in model.parameters()]).norm().item(), 4)
-        True
-    """
-
-    def __init__(
-        self,
-        named_parameters: Iterable[tuple[str, torch.nn.Parameter]],
-        layer_of: Callable[[str], str] = default_layer_name,
-    ) -> None:
-        named = [(n, p) for n, p in named_parameters if p.requires_grad]
-        self.names = [n for n, _ in named]
-        self.params = [p for _, p in named]
-        self.layers: list[str] = list(dict.fromkeys(layer_of(n) for n in self.names))
-        index = {layer: i for i, layer in enumerate(self.layers)}
-        self._layer_index = [index[layer_of(n)] for n in self.names]
-        self._device = self.params[0].device if self.params else torch.device("cpu")
-        self._before: list[torch.Tensor] | None = None
-        self._update_sq: torch.Tensor | None = None
-        self._weight_sq: torch.Tensor | None = None
-        self.reset()
-
-    def reset(self) -> None:
-        """Start a new logging interval."""
-        inf = torch.tensor(float("inf"), device=self._device)
-        self._norm_max = -inf
-        self._norm_min = inf
-        self._norm_sum = torch.zeros((), device=self._device)
-        self._steps = torch.zeros((), device=self._device)
-        self._nonfinite_steps = torch.zeros((), device=self._device)
-        self._last_norms: torch.Tensor | None = None  # (P,) per-parameter gradient norms
-        self._last_present: list[int] = []
-        self._update_sq = self._weight_sq = None
-
-    @property
-    def empty(self) -> bool:
-        return not self.params
-
-    @property
-    def has_observed(self) -> bool:
-        """True once a gradient was read in the current interval."""
-        return self._last_norms is not None
-
-    def observe(self) -> torch.Tensor | None:
-        """Read the current gradients (call before the optimizer step). Returns the global norm."""
-        present = [i for i, p in enumerate(self.params) if p.grad is not None]
-        if not present:
-            return None
-        norms = tensor_norms([self.params[i].grad for i in present], self._device)
-        total = norms.square().sum().sqrt()
-        finite = torch.isfinite(total)
-        self._norm_max = torch.where(finite, torch.maximum(self._norm_max, total), self._norm_max)
-        self._norm_min = torch.where(finite, torch.minimum(self._norm_min, total), self._norm_min)
-        self._norm_sum = self._norm_sum + torch.where(finite, total, 0)
-        self._steps = self._steps + finite.float()
-        self._nonfinite_steps = self._nonfinite_steps + (~finite).float()
-        self._last_norms, self._last_present = norms, present
-        self._last_total = total
-        return total
-
-    def snapshot_parameters(self) -> None:
-        """Keep a copy of the parameters to measure the coming update (sampled steps only)."""
-        self._before = [p.detach().clone() for p in self.params]
-
-    def measure_update(self) -> None:
-        """After the optimizer step: per-layer squared update and weight norms from the snapshot."""
-        if self._before is None:
-            return
-        before, self._before = self._before, None
-        deltas = torch._foreach_sub([p.detach() for p in self.params], before)
-        self._update_sq = self._per_layer_sq(tensor_norms(deltas, self._device), range(len(self.params)))
-        self._weight_sq = self._per_layer_sq(tensor_norms(before, self._device), range(len(self.params)))
-
-    def _per_layer_sq(self, norms: torch.Tensor, which: Iterable[int]) -> torch.Tensor:
-        idx = torch.tensor([self._layer_index[i] for i in which], device=self._device, dtype=torch.long)
-        return torch.zeros(len(self.layers), device=self._device).index_add_(0, idx, norms.square())
-
-    def signals(self, out: SignalSet, prefix: str = "gradients", per_layer: bool = True) -> None:
-        """Interval summary of the gradient norm; per-layer norms of the last observed step."""
-        if self._last_norms is None:
-            return
-        out.add_max(f"{prefix}/norm", self._last_total)
-        # NaN, not +-inf, when no step of the interval had a finite norm
-        nan = torch.full_like(self._norm_max, float("nan"))
-        out.add_max(f"{prefix}/norm_max", torch.where(self._steps > 0, self._norm_max, nan))
-        out.add_min(f"{prefix}/norm_min", torch.where(self._steps > 0, self._norm_min, nan))
-        out.add_mean(f"{prefix}/norm_mean", self._norm_sum, self._steps)
-        out.add_sum(f"{prefix}/nonfinite_steps", self._nonfinite_steps)
-        weights = tensor_norms([p.detach() for p in self.params], self._device)
-        out.add_max("params/norm", weights.square().sum().sqrt())
-        if self._update_sq is not None:
-            out.add_max("update/ratio", self._update_sq.sum().sqrt() / self._weight_sq.sum().sqrt().clamp_min(1e-12))
-        if not per_layer:
-            return
-        grad_sq = self._per_layer_sq(self._last_norms, self._last_present)
-        weight_sq = self._per_layer_sq(weights, range(len(self.params)))
-        for i, layer in enumerate(self.layers):
-            key = _key(layer)
-            out.add_max(f"{prefix}/norm/{key}", grad_sq[i].sqrt())
-            out.add_max(f"params/norm/{key}", weight_sq[i].sqrt())
-            if self._update_sq is not None:
-                ratio = self._update_sq[i].sqrt() / self._weight_sq[i].sqrt().clamp_min(1e-12)
-                out.add_max(f"update/ratio/{key}", ratio)
+    if any(t.is_sparse or t.device != device or t.dtype == torch.float64 for t in tensors):
+        # float64 norms cannot be asked for in float32 (a narrowing the fused op refuses)
+        return torch.stack([(t.coalesce().values() if t.is_sparse else t).norm().float().to(device) for t in tensors])
+    return torch.stack(torch._foreach_norm(tensors, 2, dtype=torch.float32))
 
 
 def _key(layer: str) -> str:
@@ -180,47 +64,126 @@ def _key(layer: str) -> str:
     return layer.replace(".", "_")
 
 
-class LossProbe:
-    """Per-interval loss statistics on the device: mean, last, max and non-finite count.
+class GradientProbe:
+    """Gradient, parameter and update norms of the trainable parameters.
+
+    Args:
+        named_parameters: ``model.named_parameters()``; frozen ones are left out.
+        layer_of: maps a parameter name to its layer name (default: ``default_layer_name``).
+        world: ranks taking part (weights the per-rank sums of squares; see ``stabmon.distributed``).
 
     Example:
-        >>> probe = LossProbe()
-        >>> for v in (2.0, float("nan"), 4.0):
-        ...     probe.observe(torch.tensor(v))
-        >>> signals = SignalSet(); probe.signals(signals)
-        >>> signals.reduce()
-        {'loss/mean': 3.0, 'loss/last': 4.0, 'loss/max': 4.0, 'loss/nonfinite_steps': 1.0}
+        >>> model = torch.nn.Linear(4, 2)
+        >>> model(torch.ones(3, 4)).sum().backward()
+        >>> probe = GradientProbe(model.named_parameters())
+        >>> norm = probe.observe()
+        >>> signals = SignalSet(); probe.signals(signals, prefix="gradients")
+        >>> values = signals.reduce()
+        >>> full = torch.cat([p.grad.flatten() for p in model.parameters()]).norm()
+        >>> round(values["gradients/norm"], 4) == round(full.item(), 4) == round(norm.item(), 4)
+        True
     """
 
-    def __init__(self) -> None:
-        self.reset()
-
-    def reset(self) -> None:
-        self._sum: torch.Tensor | None = None
+    def __init__(
+        self,
+        named_parameters: Iterable[tuple[str, torch.nn.Parameter]],
+        layer_of: Callable[[str], str] = default_layer_name,
+        world: int = 1,
+    ) -> None:
+        named = [(n, p) for n, p in named_parameters if p.requires_grad]
+        self.names = [n for n, _ in named]
+        self.params = [p for _, p in named]
+        self.layers: list[str] = list(dict.fromkeys(layer_of(n) for n in self.names))
+        index = {layer: i for i, layer in enumerate(self.layers)}
+        self._device = local_tensor(self.params[0]).device if self.params else torch.device("cpu")
+        self._layer_index = torch.tensor([index[layer_of(n)] for n in self.names], dtype=torch.long,
+                                         device=self._device)
+        self.sharded = any(is_dtensor(p) for p in self.params)
+        weights = [square_weight(p, world) for p in self.params]
+        # None when every sum of squares counts fully (one process): the hot path skips the product.
+        self._weights = (torch.tensor(weights, dtype=torch.float32, device=self._device)
+                         if any(w != 1.0 for w in weights) else None)
+        self._last_norms: torch.Tensor | None = None  # (P,) gradient norms of the last observed step
+        self._before: list[torch.Tensor] | None = None
+        self._update_sq: torch.Tensor | None = None  # per layer: squared norm of the last sampled update
 
     @property
     def empty(self) -> bool:
-        """True when no loss was observed since the last reset."""
-        return self._sum is None
+        return not self.params
 
-    def observe(self, loss: torch.Tensor) -> None:
-        loss = loss.detach().float().reshape(())
-        finite = torch.isfinite(loss)
-        clean = torch.where(finite, loss, 0)
-        if self._sum is None:
-            zero = torch.zeros((), device=loss.device)
-            self._sum, self._count, self._nonfinite = zero, zero, zero
-            self._max = torch.tensor(float("-inf"), device=loss.device)
-        self._sum = self._sum + clean
-        self._count = self._count + finite.float()
-        self._nonfinite = self._nonfinite + (~finite).float()
-        self._max = torch.where(finite, torch.maximum(self._max, loss), self._max)
-        self._last = loss
 
-    def signals(self, out: SignalSet, prefix: str = "loss") -> None:
-        if self._sum is None:
+    @property
+    def has_observed(self) -> bool:
+        """True once a gradient was read since the last reset."""
+        return self._last_norms is not None
+
+    def reset(self) -> None:
+        """Start a new logging interval."""
+        self._last_norms = None
+        self._update_sq = None
+
+    def _local(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+        return [local_tensor(t) for t in tensors] if self.sharded else tensors
+
+    def observe(self) -> torch.Tensor | None:
+        """Read the current gradients (call before the optimizer step).
+
+        Returns the gradient norm of the whole model: computed here when every rank holds
+        whole gradients (one process, DDP). With sharded gradients (``sharded``) it returns
+        this rank's weighted share of its square: sum that over ranks, then take the root.
+        None when no parameter has a gradient.
+        """
+        grads = [p.grad for p in self.params]
+        if not grads:
+            return None
+        if any(g is None for g in grads):
+            present = [i for i, g in enumerate(grads) if g is not None]
+            if not present:
+                return None
+            norms = torch.zeros(len(grads), device=self._device)
+            norms[torch.tensor(present, device=self._device)] = tensor_norms(
+                self._local([grads[i] for i in present]), self._device)
+        else:
+            norms = tensor_norms(self._local(grads), self._device)
+        self._last_norms = norms
+        if not self.sharded:
+            return torch.linalg.vector_norm(norms)
+        return self._weighted_squares(norms).sum()
+
+    def _weighted_squares(self, norms: torch.Tensor) -> torch.Tensor:
+        squares = norms.square()
+        return squares if self._weights is None else squares * self._weights
+
+    def _per_layer(self, squares: torch.Tensor) -> torch.Tensor:
+        return torch.zeros(len(self.layers), device=self._device).index_add_(0, self._layer_index, squares)
+
+    def snapshot_parameters(self) -> None:
+        """Keep a copy of the parameters to measure the coming update (sampled steps only)."""
+        self._before = [p.clone() for p in self._local([p.detach() for p in self.params])]
+
+    def measure_update(self) -> None:
+        """After the optimizer step: per-layer squared norms of the update, from the snapshot."""
+        if self._before is None:
             return
-        out.add_mean(f"{prefix}/mean", self._sum, self._count)
-        out.add_max(f"{prefix}/last", self._last)
-        out.add_max(f"{prefix}/max", self._max)
-        out.add_sum(f"{prefix}/nonfinite_steps", self._nonfinite)
+        deltas, self._before = self._before, None
+        torch._foreach_sub_(deltas, self._local([p.detach() for p in self.params]))  # in place: before - after
+        self._update_sq = self._per_layer(self._weighted_squares(tensor_norms(deltas, self._device)))
+
+    def signals(self, out: SignalSet, prefix: str = "gradients", per_layer: bool = True) -> None:
+        """Norms of the last observed step's gradients, of the parameters, and the update ratio."""
+        if self._last_norms is None:
+            return
+        grad_layers = self._per_layer(self._weighted_squares(self._last_norms))
+        weights = self._per_layer(self._weighted_squares(
+            tensor_norms(self._local([p.detach() for p in self.params]), self._device)))
+        out.add_norm(f"{prefix}/norm", grad_layers.sum())
+        out.add_norm("params/norm", weights.sum())
+        if self._update_sq is not None:
+            out.add_ratio("update/ratio", self._update_sq.sum(), weights.sum())
+        if not per_layer:
+            return
+        keys = [_key(layer) for layer in self.layers]
+        out.add_norm([f"{prefix}/norm/{k}" for k in keys], grad_layers)
+        out.add_norm([f"params/norm/{k}" for k in keys], weights)
+        if self._update_sq is not None:
+            out.add_ratio([f"update/ratio/{k}" for k in keys], self._update_sq, weights)

@@ -65,7 +65,7 @@ class LogitProbe:
             return
         acc = self._acc
         out.add_mean(f"{prefix}/logz_mean", acc["lse_sum"], acc["count"])
-        out.add_max(f"{prefix}/logz_max", acc["lse_max"])
-        out.add_max(f"{prefix}/max_logit", acc["max_logit"])
+        out.add_max(f"{prefix}/logz_max", acc["lse_max"], defined=acc["count"])
+        out.add_max(f"{prefix}/max_logit", acc["max_logit"], defined=acc["count"])
         out.add_mean(f"{prefix}/entropy_mean", acc["entropy_sum"], acc["count"])
         out.add_sum(f"{prefix}/nonfinite", acc["nonfinite"])

@@ -1,33 +1,38 @@
 """Run by test_stability_monitor_actions.py in a subprocess: a 2-rank gloo DDP fit with a
-loss spike injected on rank 1 only. Each rank writes what its monitor found and did."""
+loss spike injected on rank 1 only. Each rank writes what its monitor found and did.
+
+    python ddp_run.py OUT_DIR [pytorch_lightning | lightning.pytorch]
+"""
 
 import json
 import os
 import sys
 
-import pytorch_lightning as pl
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 from stabmon import DetectionConfig, StabilityMonitor  # noqa: E402
-from tests.helpers import TinyLM, token_loader  # noqa: E402
+from tests.helpers import lightning, token_loader  # noqa: E402
 
 
-class SpikeOnRankOne(TinyLM):
-    def training_step(self, batch, batch_idx):
-        loss = super().training_step(batch, batch_idx)
-        if self.global_step == 25 and self.global_rank == 1:
-            loss = loss * 1000.0
-        return loss
+def main(out_dir: str, namespace: str) -> None:
+    lit = lightning(namespace)
 
+    class SpikeOnRankOne(lit.TinyLM):
+        def training_step(self, batch, batch_idx):
+            loss = super().training_step(batch, batch_idx)
+            if self.global_step == 25 and self.global_rank == 1:
+                loss = loss * 1000.0
+            return loss
 
-def main(out_dir: str) -> None:
-    pl.seed_everything(0)
+    lit.ns.seed_everything(0)
     monitor = StabilityMonitor(sample_every_n_steps=10, detection=DetectionConfig(spike_warmup=10),
                                sharpness_every_n_steps=10, verbose=False)
-    trainer = pl.Trainer(accelerator="cpu", devices=2, strategy="ddp", max_steps=35, logger=False, callbacks=[monitor],
-                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    assert isinstance(monitor, lit.ns.Callback)
+    trainer = lit.ns.Trainer(accelerator="cpu", devices=2, strategy="ddp", max_steps=35, logger=False,
+                             callbacks=[monitor], enable_checkpointing=False, enable_progress_bar=False,
+                             enable_model_summary=False)
     trainer.fit(SpikeOnRankOne(lr=0.05), token_loader(n=640, batch_size=8))
     record = {
         "rank": trainer.global_rank,
@@ -42,4 +47,4 @@ def main(out_dir: str) -> None:
 
 if __name__ == "__main__":
     torch.set_num_threads(1)
-    main(sys.argv[1])
+    main(sys.argv[1], sys.argv[2] if len(sys.argv) > 2 else "pytorch_lightning")

@@ -42,7 +42,7 @@ def fit(module, loader, monitor=None, max_steps=8, **trainer_kwargs):
 
 
 def stabmon_keys(metrics):
-    return {k for k in metrics if k.startswith("stabmon/")}
+    return {k for k in metrics if k.startswith("stabmon-")}
 
 
 def test_fit_logs_signals_at_sampled_and_log_steps(capsys):
@@ -55,20 +55,20 @@ def test_fit_logs_signals_at_sampled_and_log_steps(capsys):
     sampled = logger.by_step[3]
     for layer in ("layer_00", "layer_01"):
         for name in ("entropy_min", "entropy_mean", "max_logit"):
-            assert f"stabmon/attention/{name}/{layer}" in sampled
+            assert f"stabmon-attention/{name}/{layer}" in sampled
     for key in ("attention/entropy_min", "attention/max_logit", "logits/logz_mean", "logits/logz_max",
                 "logits/max_logit", "logits/entropy_mean", "gradients/norm", "gradients/norm/model_blocks_0",
                 "params/norm", "update/ratio", "update/ratio/model_blocks_1", "loss/mean"):
-        assert f"stabmon/{key}" in sampled, key
+        assert f"stabmon-{key}" in sampled, key
     # not sampled: interval statistics only, no attention or logits
     assert not any("attention" in k or "logits" in k for k in logger.by_step[7])
-    assert "stabmon/gradients/norm_max" in logger.by_step[7]
+    assert "stabmon-gradients/norm_max" in logger.by_step[7]
     # sane values: entropy of causal attention over 12 keys lies in [0, log 12]
-    assert 0 < sampled["stabmon/attention/entropy_min"] <= sampled["stabmon/attention/entropy_mean"] <= math.log(12)
-    assert math.isclose(sampled["stabmon/logits/entropy_mean"], sampled["stabmon/logits/entropy_mean"])
-    assert sampled["stabmon/logits/logz_max"] >= sampled["stabmon/logits/logz_mean"]
+    assert 0 < sampled["stabmon-attention/entropy_min"] <= sampled["stabmon-attention/entropy_mean"] <= math.log(12)
+    assert math.isclose(sampled["stabmon-logits/entropy_mean"], sampled["stabmon-logits/entropy_mean"])
+    assert sampled["stabmon-logits/logz_max"] >= sampled["stabmon-logits/logz_mean"]
     # values also reach callback_metrics, for ModelCheckpoint / EarlyStopping
-    assert "stabmon/gradients/norm" in trainer.callback_metrics
+    assert "stabmon-gradients/norm" in trainer.callback_metrics
     # end-of-fit summary
     out = capsys.readouterr().out
     assert "stabmon summary, steps 0-7" in out and "layer_01 (model.blocks.1.attn)" in out and "log Z" in out
@@ -87,10 +87,10 @@ def test_loss_mean_over_the_interval_matches_the_training_losses():
     monitor = StabilityMonitor(sample_every_n_steps=100, log_every_n_steps=4, sharpness_every_n_steps=None)
     fit(Spy(), token_loader(), monitor, logger=logger, max_steps=8)
     # step 0 is sampled and emits; the next interval is steps 1-3
-    assert math.isclose(logger.by_step[0]["stabmon/loss/mean"], losses[0], rel_tol=1e-6)
-    assert math.isclose(logger.by_step[3]["stabmon/loss/mean"], sum(losses[1:4]) / 3, rel_tol=1e-6)
-    assert math.isclose(logger.by_step[7]["stabmon/loss/mean"], sum(losses[4:8]) / 4, rel_tol=1e-6)
-    assert math.isclose(logger.by_step[7]["stabmon/loss/last"], losses[7], rel_tol=1e-6)
+    assert math.isclose(logger.by_step[0]["stabmon-loss/mean"], losses[0], rel_tol=1e-6)
+    assert math.isclose(logger.by_step[3]["stabmon-loss/mean"], sum(losses[1:4]) / 3, rel_tol=1e-6)
+    assert math.isclose(logger.by_step[7]["stabmon-loss/mean"], sum(losses[4:8]) / 4, rel_tol=1e-6)
+    assert math.isclose(logger.by_step[7]["stabmon-loss/last"], losses[7], rel_tol=1e-6)
 
 
 def test_observe_only_leaves_training_bit_identical():
@@ -108,10 +108,13 @@ def test_observe_only_leaves_training_bit_identical():
 def test_nothing_is_installed_on_steps_that_are_not_sampled():
     seen = []
 
+    from torch.nn.modules import module as module_state
+
     class Spy(TinyLM):
         def training_step(self, batch, batch_idx):
             modes = torch.overrides._get_current_function_mode_stack()
             hooks = sum(len(m._forward_pre_hooks) + len(m._forward_hooks) for m in self.modules())
+            hooks += len(module_state._global_forward_pre_hooks) + len(module_state._global_forward_hooks)
             seen.append((self.global_step, len(modes), hooks, stabmon.probes.capture.active_capture() is not None))
             return super().training_step(batch, batch_idx)
 
@@ -132,7 +135,7 @@ def test_model_without_attention_or_cross_entropy_trains_and_reports_once():
     assert sum("scaled_dot_product_attention" in m for m in messages) == 1
     assert sum("cross_entropy" in m for m in messages) == 1
     logged = set().union(*logger.by_step.values())
-    assert "stabmon/gradients/norm" in logged and not any("attention" in k for k in logged)
+    assert "stabmon-gradients/norm" in logged and not any("attention" in k for k in logged)
 
 
 def test_partly_frozen_model_and_missing_gradients():
@@ -166,10 +169,10 @@ def test_nan_loss_observed_only_is_counted_and_training_does_not_crash():
     monitor = StabilityMonitor(sample_every_n_steps=100, log_every_n_steps=5, observe_only=True, verbose=False)
     fit(NaNAtStep3(), regression_loader(), monitor, logger=logger, max_steps=8)
     # the NaN gradient of step 3 makes the weights NaN, so step 4 is non-finite as well
-    assert logger.by_step[4]["stabmon/loss/nonfinite_steps"] == 2
-    assert logger.by_step[4]["stabmon/gradients/nonfinite_steps"] == 2
-    assert math.isfinite(logger.by_step[4]["stabmon/loss/mean"])  # steps 1-2 only
-    assert logger.by_step[7]["stabmon/loss/nonfinite_steps"] == 3
+    assert logger.by_step[4]["stabmon-loss/nonfinite_steps"] == 2
+    assert logger.by_step[4]["stabmon-gradients/nonfinite_steps"] == 2
+    assert math.isfinite(logger.by_step[4]["stabmon-loss/mean"])  # steps 1-2 only
+    assert logger.by_step[7]["stabmon-loss/nonfinite_steps"] == 3
     assert [f.step for f in monitor.findings if f.severity == "critical"][:2] == [3, 3]
     assert monitor.actions_taken == []
 
@@ -181,7 +184,7 @@ def test_nan_loss_step_is_skipped_and_training_goes_on():
     fit(module, regression_loader(), monitor, logger=logger, max_steps=8)
     assert [(a.step, a.name) for a in monitor.actions_taken] == [(3, "skip_step")]
     assert all(torch.isfinite(p).all() for p in module.parameters())
-    assert logger.by_step[7]["stabmon/loss/nonfinite_steps"] == 0 and math.isfinite(logger.by_step[7]["stabmon/loss/mean"])
+    assert logger.by_step[7]["stabmon-loss/nonfinite_steps"] == 0 and math.isfinite(logger.by_step[7]["stabmon-loss/mean"])
 
 
 def test_gradient_accumulation_samples_once_per_optimizer_step():
@@ -189,7 +192,7 @@ def test_gradient_accumulation_samples_once_per_optimizer_step():
     fit(TinyLM(), token_loader(), StabilityMonitor(sample_every_n_steps=2, log_every_n_steps=2, verbose=False),
         logger=logger, max_steps=4, accumulate_grad_batches=2)
     assert {s for s, m in logger.by_step.items() if stabmon_keys(m)} == {0, 1, 2, 3}
-    assert "stabmon/attention/entropy_min" in logger.by_step[2]
+    assert "stabmon-attention/entropy_min" in logger.by_step[2]
 
 
 def test_a_failing_probe_is_disabled_and_training_goes_on(monkeypatch):
@@ -205,7 +208,7 @@ def test_a_failing_probe_is_disabled_and_training_goes_on(monkeypatch):
         fit(module, token_loader(), StabilityMonitor(sample_every_n_steps=1, strict=False, verbose=False),
             logger=logger, max_steps=3)
     logged = set().union(*logger.by_step.values())
-    assert "stabmon/logits/logz_mean" in logged and not any("attention" in k for k in logged)
+    assert "stabmon-logits/logz_mean" in logged and not any("attention" in k for k in logged)
 
 
 def test_strict_mode_reraises(monkeypatch):
@@ -220,12 +223,12 @@ def test_works_next_to_stock_callbacks_and_csv_logger(tmp_path):
     logger = CSVLogger(tmp_path)
     trainer = fit(
         TinyLM(), token_loader(), StabilityMonitor(sample_every_n_steps=2, verbose=False), logger=logger, max_steps=4,
-        callbacks=[ModelCheckpoint(dirpath=tmp_path, monitor="stabmon/gradients/norm", mode="min"),
+        callbacks=[ModelCheckpoint(dirpath=tmp_path, monitor="stabmon-gradients/norm", mode="min"),
                    LearningRateMonitor()],
         enable_checkpointing=True,
     )
     header = (tmp_path / "lightning_logs" / "version_0" / "metrics.csv").read_text().splitlines()[0]
-    assert "stabmon/attention/entropy_min/layer_00" in header and "lr-SGD" in header
+    assert "stabmon-attention/entropy_min/layer_00" in header and "lr-SGD" in header
     assert trainer.checkpoint_callback.best_model_path
 
 

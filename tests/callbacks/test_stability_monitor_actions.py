@@ -12,22 +12,10 @@ import pytorch_lightning as pl
 import torch
 
 from stabmon import DetectionConfig, InterventionConfig, StabilityMonitor
-from tests.helpers import TinyLM, quiet_trainer, token_loader
+from tests.helpers import Faulty, TinyLM, quiet_trainer, token_loader
 
 FAST = dict(sample_every_n_steps=10, sharpness_every_n_steps=None, verbose=False,
             detection=DetectionConfig(spike_warmup=10))
-
-
-class Faulty(TinyLM):
-    """Multiplies the loss at given steps (NaN or a large factor)."""
-
-    def __init__(self, faults, **kwargs):
-        super().__init__(**kwargs)
-        self.faults = faults
-
-    def training_step(self, batch, batch_idx):
-        loss = super().training_step(batch, batch_idx)
-        return loss * self.faults[self.global_step] if self.global_step in self.faults else loss
 
 
 def test_critical_spike_skips_exactly_that_step():
@@ -134,12 +122,14 @@ def test_resume_mid_intervention_continues_it(tmp_path):
 
 
 @pytest.mark.ddp
-def test_every_rank_takes_the_same_action_under_ddp(tmp_path):
+@pytest.mark.parametrize("namespace", ["pytorch_lightning", "lightning.pytorch"])
+def test_every_rank_takes_the_same_action_under_ddp(tmp_path, namespace):
+    pytest.importorskip(namespace)
     env = {**os.environ, "STABMON_STRICT": "1", "PYTHONWARNINGS": "ignore"}
     env.pop("LOCAL_RANK", None)
     script = Path(__file__).with_name("ddp_run.py")
-    proc = subprocess.run([sys.executable, str(script), str(tmp_path)], env=env, capture_output=True, text=True,
-                          timeout=300)
+    proc = subprocess.run([sys.executable, str(script), str(tmp_path), namespace], env=env, capture_output=True,
+                          text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert ranks[0]["actions"] == ranks[1]["actions"]

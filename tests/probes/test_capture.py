@@ -87,13 +87,31 @@ def test_result_of_the_watched_call_is_unchanged():
 def test_nothing_is_installed_outside_a_watch():
     model = TwoLayers()
     cap = ForwardCapture(on_attention=lambda *a, **k: None)
+    from torch.nn.modules import module as module_state
+
+    before = (len(module_state._global_forward_pre_hooks), len(module_state._global_forward_hooks))
     cap.attach(model)
-    assert any(m._forward_pre_hooks for m in model.modules())
+    assert len(module_state._global_forward_pre_hooks) == before[0] + 1  # two global hooks, none per module
+    assert not any(m._forward_pre_hooks for m in model.modules())
     cap.detach()
     cap.detach()  # twice is fine
-    assert not any(m._forward_pre_hooks or m._forward_hooks for m in model.modules())
+    assert (len(module_state._global_forward_pre_hooks), len(module_state._global_forward_hooks)) == before
     assert active_capture() is None
     assert torch.overrides._get_current_function_mode_stack() == []
+
+
+def test_modules_of_another_model_are_not_counted():
+    class Attend(nn.Module):
+        def forward(self, x):
+            return F.scaled_dot_product_attention(x, x, x)
+
+    model, other = nn.Sequential(Attend(), Attend()), nn.Sequential(Attend())
+    seen = []
+    cap = ForwardCapture(on_attention=lambda q, k, **kw: seen.append(kw["module"]))
+    with cap.watch(model):
+        other(torch.randn(1, 1, 4, 8))  # another model running in the sampled forward: not named
+        model(torch.randn(1, 1, 4, 8))
+    assert seen == ["", "0", "1"]
 
 
 def test_hooks_pop_even_when_the_forward_raises():

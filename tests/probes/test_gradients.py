@@ -4,7 +4,8 @@ import pytest
 import torch
 import torch.nn as nn
 
-from stabmon.probes.gradients import GradientProbe, LossProbe, default_layer_name, tensor_norms
+from stabmon.probes.gradients import GradientProbe, default_layer_name, tensor_norms
+from stabmon.probes.series import StepSeries
 from stabmon.signals import SignalSet
 
 
@@ -12,6 +13,9 @@ def reduce(probe, **kwargs):
     out = SignalSet()
     probe.signals(out, **kwargs)
     return out.reduce()
+
+
+NORM = {"max": "g/norm_max", "min": "g/norm_min", "mean": "g/norm_mean", "nonfinite_steps": "g/nonfinite_steps"}
 
 
 class Net(nn.Module):
@@ -50,21 +54,40 @@ def test_norms_match_manual_computation_and_frozen_params_are_left_out():
     net = Net()
     probe = GradientProbe(net.named_parameters())
     assert probe.layers == ["blocks.0", "blocks.1", "head"]
-    norms = []
+    norms, observed = [], []
     for seed in range(3):
         backward(net, seed)
-        probe.observe()
+        observed.append(probe.observe().item())
         norms.append(torch.cat([p.grad.flatten() for p in net.parameters() if p.grad is not None]).norm().item())
     got = reduce(probe, prefix="gradients")
+    assert observed == pytest.approx(norms, rel=1e-5)
     assert math.isclose(got["gradients/norm"], norms[-1], rel_tol=1e-5)
-    assert math.isclose(got["gradients/norm_max"], max(norms), rel_tol=1e-5)
-    assert math.isclose(got["gradients/norm_min"], min(norms), rel_tol=1e-5)
-    assert math.isclose(got["gradients/norm_mean"], sum(norms) / 3, rel_tol=1e-5)
     layer0 = torch.cat([net.blocks[0].weight.grad.flatten(), net.blocks[0].bias.grad.flatten()]).norm().item()
     assert math.isclose(got["gradients/norm/blocks_0"], layer0, rel_tol=1e-5)
     weights = torch.cat([p.flatten() for n, p in net.named_parameters() if p.requires_grad]).norm().item()
     assert math.isclose(got["params/norm"], weights, rel_tol=1e-5)
     assert "update/ratio" not in got  # no snapshot taken
+
+
+@pytest.mark.parametrize("mode", ["host", "device"])
+def test_step_series_summarises_an_interval(mode):
+    series = StepSeries(NORM)
+    values = [2.0, 5.0, 3.0]
+    for v in values:
+        series.add_host(v) if mode == "host" else series.add_device(torch.tensor(v))
+    out = SignalSet()
+    series.signals(out)
+    assert out.reduce() == {"g/norm_max": 5.0, "g/norm_min": 2.0, "g/norm_mean": pytest.approx(10 / 3),
+                            "g/nonfinite_steps": 0.0}
+
+
+def test_step_series_folds_long_device_intervals():
+    series = StepSeries({"mean": "m", "max": "hi", "last": "last"})
+    for v in range(600):  # folded twice on the way
+        series.add_device(torch.tensor(float(v)))
+    out = SignalSet()
+    series.signals(out)
+    assert out.reduce() == {"last": 599.0, "m": 299.5, "hi": 599.0}
 
 
 def test_update_ratio():
@@ -79,26 +102,34 @@ def test_update_ratio():
     probe.measure_update()
     got = reduce(probe, prefix="gradients")
     delta = torch.cat([(p.detach() - b).flatten() for p, b in zip(net.blocks[1].parameters(), before)]).norm()
-    weight = torch.cat([b.flatten() for b in before]).norm()
+    weight = torch.cat([p.detach().flatten() for p in net.blocks[1].parameters()]).norm()  # after the step
     assert math.isclose(got["update/ratio/blocks_1"], (delta / weight).item(), rel_tol=1e-5)
     assert got["update/ratio"] > 0
 
 
-def test_nonfinite_gradients_are_counted_and_kept_out_of_the_range():
+@pytest.mark.parametrize("mode", ["host", "device"])
+def test_nonfinite_values_are_counted_kept_out_of_the_range_and_never_logged_as_nan(mode):
+    series = StepSeries(NORM)
+    add = series.add_host if mode == "host" else (lambda v: series.add_device(torch.tensor(v)))
+    add(float("nan"))
+    out = SignalSet()
+    series.signals(out)
+    assert out.reduce() == {"g/nonfinite_steps": 1.0}  # no finite step: max, min and mean are undefined
+    series.reset()
+    for v in (1.0, float("inf"), 4.0):
+        add(v)
+    out = SignalSet()
+    series.signals(out)
+    assert out.reduce() == {"g/norm_max": 4.0, "g/norm_min": 1.0, "g/norm_mean": 2.5, "g/nonfinite_steps": 1.0}
+
+
+def test_a_nan_gradient_gives_a_nan_norm():
     net = Net()
     probe = GradientProbe(net.named_parameters())
     backward(net)
-    probe.observe()
-    finite_norm = reduce(probe, prefix="g")["g/norm"]
-    probe.reset()
-    backward(net)
-    probe.observe()
     net.head.weight.grad[0, 0] = float("nan")
-    probe.observe()
-    got = reduce(probe, prefix="g")
-    assert got["g/nonfinite_steps"] == 1
-    assert math.isclose(got["g/norm_max"], finite_norm, rel_tol=1e-6)
-    assert math.isnan(got["g/norm"])  # the last step's norm is reported as it is
+    assert math.isnan(probe.observe().item())
+    assert math.isnan(reduce(probe, prefix="g")["g/norm"])  # the step's norm is reported as it is
 
 
 def test_no_trainable_parameters():
@@ -106,11 +137,10 @@ def test_no_trainable_parameters():
     assert probe.empty and probe.observe() is None and reduce(probe) == {}
 
 
-@pytest.mark.parametrize("values,expected_mean", [([1.0, 3.0], 2.0), ([float("inf"), 5.0], 5.0)])
-def test_loss_probe(values, expected_mean):
-    probe = LossProbe()
-    for v in values:
-        probe.observe(torch.tensor(v))
-    got = reduce(probe)
-    assert got["loss/mean"] == expected_mean
-    assert got["loss/nonfinite_steps"] == sum(not math.isfinite(v) for v in values)
+def test_parameters_without_a_gradient_count_as_zero():
+    net = Net()
+    probe = GradientProbe(net.named_parameters())
+    backward(net)
+    net.blocks[0].bias.grad = None
+    full = torch.cat([p.grad.flatten() for p in net.parameters() if p.grad is not None]).norm().item()
+    assert math.isclose(probe.observe().item(), full, rel_tol=1e-6)

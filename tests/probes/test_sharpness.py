@@ -92,11 +92,11 @@ def test_callback_logs_sharpness_every_k_steps_on_a_held_batch():
                                sharpness=SharpnessConfig(batch_size=2, iters=5), verbose=False)
     trainer = quiet_trainer(max_steps=7, callbacks=[monitor], logger=logger)
     trainer.fit(Module(), token_loader())
-    steps = sorted(s for s, m in logger.by_step.items() if "stabmon/sharpness/top_eigenvalue" in m)
+    steps = sorted(s for s, m in logger.by_step.items() if "stabmon-sharpness/top_eigenvalue" in m)
     assert steps == [0, 3, 6]
     assert set(seen_rows) == {2}
-    assert all(math.isfinite(logger.by_step[s]["stabmon/sharpness/top_eigenvalue"]) for s in steps)
-    assert "stabmon/sharpness/eos_ratio" in logger.by_step[3]  # SGD with momentum in TinyLM
+    assert all(math.isfinite(logger.by_step[s]["stabmon-sharpness/top_eigenvalue"]) for s in steps)
+    assert "stabmon-sharpness/eos_ratio" in logger.by_step[3]  # SGD with momentum in TinyLM
 
 
 def test_training_step_is_used_with_logging_muted():
@@ -112,7 +112,7 @@ def test_training_step_is_used_with_logging_muted():
     logger = RecordingLogger()
     monitor = StabilityMonitor(sharpness_every_n_steps=2, sharpness=SharpnessConfig(iters=3), verbose=False)
     quiet_trainer(max_steps=3, callbacks=[monitor], logger=logger).fit(Module(), token_loader())
-    assert "stabmon/sharpness/top_eigenvalue" in logger.by_step[2]
+    assert "stabmon-sharpness/top_eigenvalue" in logger.by_step[2]
     assert "train_loss" in logger.by_step[2]  # the real step's own logging still works
 
 
@@ -123,5 +123,5 @@ def test_sharpness_and_attention_probes_under_bf16_mixed_precision():
     trainer = quiet_trainer(max_steps=3, callbacks=[monitor], logger=logger, precision="bf16-mixed")
     trainer.fit(TinyLM(), token_loader())
     logged = logger.by_step[2]
-    assert math.isfinite(logged["stabmon/sharpness/top_eigenvalue"])
-    assert math.isfinite(logged["stabmon/attention/entropy_min"]) and math.isfinite(logged["stabmon/logits/logz_mean"])
+    assert math.isfinite(logged["stabmon-sharpness/top_eigenvalue"])
+    assert math.isfinite(logged["stabmon-attention/entropy_min"]) and math.isfinite(logged["stabmon-logits/logz_mean"])

@@ -4,14 +4,16 @@ import json
 import shutil
 import subprocess
 
+from pathlib import Path
+
 import pytest
 import pytorch_lightning as pl
 
 from stabmon import StabilityMonitor
 from stabmon.alerts import WandbAlert
 from stabmon.sinks import render_heatmap
-from tests.callbacks.test_stability_monitor_actions import FAST, Faulty
-from tests.helpers import quiet_trainer, token_loader
+from tests.callbacks.test_stability_monitor_actions import FAST
+from tests.helpers import Faulty, lightning, quiet_trainer, token_loader
 
 wandb = pytest.importorskip("wandb")
 
@@ -34,27 +36,42 @@ def read_records(run_dir):
     return [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
 
 
-def test_dashboard_extras_and_alerts_offline(offline_wandb):
-    logger = pl.loggers.WandbLogger(project="stabmon-test", save_dir=str(offline_wandb), offline=True)
+@pytest.mark.parametrize("namespace", ["pytorch_lightning", "lightning.pytorch"])
+def test_dashboard_extras_and_alerts_offline(offline_wandb, namespace):
+    pytest.importorskip(namespace)
+    lit = lightning(namespace)
+    logger = lit.ns.loggers.WandbLogger(project="stabmon-test", save_dir=str(offline_wandb), offline=True)
     monitor = StabilityMonitor(alerts=[WandbAlert(wait_duration=1)], wandb_heatmap_every_n_steps=10, **FAST)
-    quiet_trainer(max_steps=24, callbacks=[monitor], logger=logger).fit(Faulty({20: 1000.0}), token_loader(n=400))
+    lit.quiet_trainer(max_steps=24, callbacks=[monitor], logger=logger).fit(lit.Faulty({20: 1000.0}),
+                                                                             token_loader(n=400))
+    assert monitor.wandb is not None and monitor.wandb.run is logger.experiment  # found through the logger
     run_dir = logger.experiment.dir.rsplit("/files", 1)[0]
     summary = dict(logger.experiment.summary)
     wandb.finish()
     records = read_records(run_dir)
     history = [r["history"]["item"] for r in records if r["type"] == "history"]
     keys = {k.split(".")[0] for k in set().union(*history)}  # media are flattened: "<key>._type", "<key>.path"
-    assert "stabmon/attention/entropy_min/layer_00" in keys and "stabmon/gradients/norm" in keys
-    assert "stabmon/attention/entropy_heatmap" in keys and "stabmon/attention/heads" in keys
-    assert "stabmon/events" in keys and "stabmon/actions/event" in keys
+    # one section per family; per-layer signals as one line-series chart each, not a chart per layer
+    assert "stabmon-attention/entropy_min" in keys and "stabmon-gradients/norm" in keys
+    assert not any(k.endswith("/layer_00") for k in keys)
+    assert "stabmon-attention/max_logit/by_layer_table" in keys and "stabmon-gradients/norm/by_layer_table" in keys
+    assert "stabmon-attention/entropy_heatmap" in keys and "stabmon-attention/heads" in keys
+    assert "stabmon-actions/events" in keys and "stabmon-actions/event" in keys
     metrics = [r["metric"] for r in records if r["type"] == "metric"]
-    assert any(m.get("glob_name") == "stabmon/attention/entropy_min*" and m["summary"].get("min") for m in metrics)
+    assert any(m.get("glob_name") == "stabmon-attention/entropy_min*" and m["summary"].get("min") for m in metrics)
     alerts = [r["alert"] for r in records if r["type"] == "alert"]
     assert alerts and alerts[0]["level"] == "ERROR" and "step 20" in alerts[0]["title"]
     assert "skip_step" in alerts[0]["text"]
     images = list((offline_wandb).rglob("*.png"))
     assert len(images) >= 2
-    assert "stabmon/attention/max_logit/layer_00" in summary
+    assert "stabmon-attention/max_logit" in summary
+    # the last line-series table of the max logit holds every sample of both layers
+    tables = sorted(Path(run_dir).rglob("by_layer_table_*.table.json"), key=lambda p: int(p.name.split("_")[3]))
+    last = json.loads([t for t in tables if "max_logit" in str(t)][-1].read_text())
+    assert last["columns"] == ["step", "lineKey", "lineVal"]
+    lines = {row[1] for row in last["data"]}
+    steps = sorted({row[0] for row in last["data"] if row[1] == "layer_00"})
+    assert lines == {"layer_00", "layer_01"} and steps == [0, 10, 20]
 
 
 def test_other_loggers_skip_the_wandb_extras_silently(tmp_path):
