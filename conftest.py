@@ -2,14 +2,18 @@
 
 import os
 
-# Before any stabmon / triton import: bugs in the monitor must raise in tests, and Triton
-# kernels (decorated at import) must run on the CPU interpreter.
+# Before any stabmon / triton import: bugs in the monitor must raise in tests.
 os.environ.setdefault("STABMON_STRICT", "1")
-os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("WANDB_MODE", "disabled")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+
+# Without a GPU the Triton kernels run on the CPU interpreter (the flag is read when a kernel
+# is decorated, so it is set before the kernel modules are imported). With one, the kernels
+# compile for it: the `gpu` tests then run the compiled kernels and the interpreter tests skip.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -9,10 +9,12 @@ from __future__ import annotations
 import functools
 import importlib.util
 
+from stabmon.kernels.attention_max_logit import attention_max_logit
 from stabmon.kernels.attention_stats import AttentionStats, attention_stats
 from stabmon.kernels.logit_stats import LogitStats, logit_stats
 
-__all__ = ["AttentionStats", "LogitStats", "attention_stats", "logit_stats", "triton_available"]
+__all__ = ["AttentionStats", "LogitStats", "attention_max_logit", "attention_stats", "logit_stats",
+           "triton_available"]
 
 
 @functools.lru_cache(maxsize=None)

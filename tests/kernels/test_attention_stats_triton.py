@@ -84,3 +84,15 @@ def test_cuda_kernel_matches_reference(shape, dtype, mask):
 def test_cuda_long_sequence_extreme_logits():
     q, k = random_qk(1, 4, 1, 4096, 4096, 64, torch.bfloat16, seed=11, magnitude=30.0)
     check_kernel(q, k, {"is_causal": True}, device="cuda", what="L=4096 bf16 1e3 logits")
+
+
+@pytest.mark.gpu
+def test_cuda_runs_the_compiled_kernels_not_the_interpreter():
+    from stabmon.kernels import _attention_max_logit_triton, _attention_stats_triton, _logit_stats_triton
+
+    assert os.environ.get("TRITON_INTERPRET", "0") in ("", "0")
+    for module, name in ((_attention_stats_triton, "_attention_stats_kernel"),
+                         (_attention_max_logit_triton, "_attention_max_logit_kernel"),
+                         (_logit_stats_triton, "_logit_stats_kernel")):
+        assert not module._INTERPRET if hasattr(module, "_INTERPRET") else True
+        assert type(getattr(module, name)).__name__ == "JITFunction", name
