@@ -20,13 +20,15 @@ is unchanged.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 from collections.abc import Callable, Iterator, Sequence
 
 import torch
 
 from stabmon._validation import check_in
+from stabmon.distributed import is_dtensor
 
-__all__ = ["hvp", "HVPFunction", "flat_dot", "flat_norm"]
+__all__ = ["hvp", "HVPFunction", "flat_dot", "flat_norm", "sharded_inner_products"]
 
 HVPFunction = Callable[[Sequence[torch.Tensor]], list[torch.Tensor]]
 LossFn = Callable[[], torch.Tensor]
@@ -34,9 +36,34 @@ LossFn = Callable[[], torch.Tensor]
 _MODES = ("autograd", "finite_difference")
 
 
+# Inside ``sharded_inner_products``: each list holds this rank's shards, and an inner product
+# is the sum over ranks of the local ones (all-reduced).
+_SHARDED: contextvars.ContextVar[Callable[[torch.Tensor], torch.Tensor] | None] = contextvars.ContextVar(
+    "stabmon_sharded_dot", default=None)
+
+
+@contextlib.contextmanager
+def sharded_inner_products(all_reduce_sum: Callable[[torch.Tensor], torch.Tensor]) -> Iterator[None]:
+    """Within the block, ``flat_dot`` sums its local value over ranks with ``all_reduce_sum``:
+    the vectors are the local shards of sharded parameters (FSDP2), and every rank gets the
+    inner product of the whole vectors (so Lanczos takes the same steps on every rank)."""
+    token = _SHARDED.set(all_reduce_sum)
+    try:
+        yield
+    finally:
+        _SHARDED.reset(token)
+
+
 def flat_dot(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]) -> torch.Tensor:
-    """Inner product of two lists of tensors, in float64."""
-    return sum((x.double() * y.double()).sum() for x, y in zip(a, b))
+    """Inner product of two lists of tensors, in float64 (summed over ranks for shards)."""
+    local = sum((x.double() * y.double()).sum() for x, y in zip(a, b))
+    reduce = _SHARDED.get()
+    if reduce is None:
+        return local
+    if not isinstance(local, torch.Tensor):
+        device = a[0].device if len(a) else torch.device("cpu")
+        local = torch.zeros((), dtype=torch.float64, device=device)
+    return reduce(local)
 
 
 def flat_norm(a: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -105,6 +132,11 @@ def hvp(
     """
     check_in("mode", mode, _MODES)
     params = _check_params(params)
+    if any(is_dtensor(p) for p in params):
+        if mode == "autograd":
+            raise ValueError("double backward through sharded (FSDP2 / DTensor) parameters is not supported: "
+                             "use mode='finite_difference'")
+        return _ShardedFiniteDifferenceHVP(loss_fn, params, rng_seed)
     if mode == "autograd":
         return _AutogradHVP(loss_fn, params, rng_seed)
     return _FiniteDifferenceHVP(loss_fn, params, rng_seed)
@@ -172,6 +204,55 @@ class _FiniteDifferenceHVP:
         finally:
             for p, s in zip(targets, saved):
                 p.copy_(s)  # bit-exact restore, not += eps v (which rounds)
+        for j, i in enumerate(self.trainable):
+            if g_plus[j] is not None and g_minus[j] is not None:
+                out[i] = (g_plus[j] - g_minus[j]) / (2 * eps)
+        return out
+
+
+class _ShardedFiniteDifferenceHVP(_FiniteDifferenceHVP):
+    """Finite differences for FSDP2 (DTensor) parameters: ``v`` and ``H v`` are this rank's
+    local shards. Each gradient comes from a backward through the sharded model (FSDP2
+    reduce-scatters it into ``.grad``, averaged over the ranks' held batches); the run's own
+    gradients are set aside and put back. Inner products are summed over ranks, so run the
+    eigen solvers inside ``sharded_inner_products``.
+    """
+
+    def __init__(self, loss_fn: LossFn, params: list[torch.Tensor], rng_seed: int) -> None:
+        super().__init__(loss_fn, params, rng_seed)
+        self.local = [p.to_local() if is_dtensor(p) else p for p in params]
+
+    def _gradient(self) -> tuple[torch.Tensor | None, ...]:
+        saved = [p.grad for p in self.params]
+        for p in self.params:
+            p.grad = None
+        try:
+            with torch.enable_grad(), _isolated_rng([x.device for x in self.local], self.rng_seed):
+                self.loss_fn().backward()
+            return tuple((p.grad.to_local() if is_dtensor(p.grad) else p.grad).detach().clone()
+                         if p.grad is not None else None for p in (self.params[i] for i in self.trainable))
+        finally:
+            for p, g in zip(self.params, saved):
+                p.grad = g
+
+    @torch.no_grad()
+    def __call__(self, v: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        out = [torch.zeros_like(x) for x in self.local]
+        targets = [self.local[i] for i in self.trainable]
+        directions = [v[i].to(self.local[i].dtype) for i in self.trainable]
+        v_norm = float(flat_norm(directions))
+        if v_norm == 0 or not targets:
+            return out
+        eps = torch.finfo(targets[0].dtype).eps ** (1 / 3) * (1 + float(flat_norm(targets))) / v_norm
+        saved = [x.clone() for x in targets]
+        try:
+            torch._foreach_add_(targets, directions, alpha=eps)  # the local shards, in place
+            g_plus = self._gradient()
+            torch._foreach_add_(targets, directions, alpha=-2 * eps)
+            g_minus = self._gradient()
+        finally:
+            for x, s in zip(targets, saved):
+                x.copy_(s)
         for j, i in enumerate(self.trainable):
             if g_plus[j] is not None and g_minus[j] is not None:
                 out[i] = (g_plus[j] - g_minus[j]) / (2 * eps)

@@ -12,7 +12,9 @@ import torch
 
 from stabmon._validation import check_bool, check_in, check_positive_float, check_positive_int
 from stabmon.curvature import adam_preconditioner, hvp, preconditioned, sgd_threshold, top_eigenvalue
-from stabmon.signals import SignalSet
+from stabmon.curvature.hessian_vector import sharded_inner_products
+from stabmon.distributed import is_dtensor, local_tensor
+from stabmon.signals import SignalSet, torch_distributed_all_reduce
 
 __all__ = ["SharpnessConfig", "SharpnessProbe"]
 
@@ -100,6 +102,7 @@ class SharpnessProbe:
     def __init__(self, config: SharpnessConfig | None = None) -> None:
         self.config = config or SharpnessConfig()
         self.estimates = 0
+        self.notes: list[str] = []  # one-time messages for the monitor to report
 
     def should_run(self, step: int) -> bool:
         return step % self.config.every_n_steps == 0
@@ -116,10 +119,28 @@ class SharpnessProbe:
         seed = cfg.seed + self.estimates
         self.estimates += 1
         out: dict[str, float] = {}
-        with _buffers_preserved(model):
-            fn = hvp(loss_fn, params, mode=cfg.hvp_mode, rng_seed=seed)
-            gen = torch.Generator(device="cpu").manual_seed(seed)
-            est = top_eigenvalue(fn, params, iters=cfg.iters, tol=cfg.tol, method=cfg.method, generator=gen)
+        sharded = any(is_dtensor(p) for p in params)
+        mode = cfg.hvp_mode
+        context: contextlib.AbstractContextManager = contextlib.nullcontext()
+        gen = torch.Generator(device="cpu").manual_seed(seed)
+        shapes = params
+        if sharded:
+            if not all(is_dtensor(p) for p in params):
+                raise ValueError("a model with sharded and unsharded trainable parameters: the sharpness probe "
+                                 "needs all of them sharded (fully_shard the root module too)")
+            if mode == "autograd":
+                mode = "finite_difference"
+                self.notes.append("stabmon: double backward through FSDP2 is not supported; the sharpness probe uses "
+                                  "finite-difference Hessian-vector products on the sharded model.")
+            import torch.distributed as dist
+
+            # every rank draws its own shards of the start vector; inner products sum over ranks
+            gen.manual_seed(seed * 1_000_003 + (dist.get_rank() if dist.is_initialized() else 0))
+            shapes = [local_tensor(p) for p in params]
+            context = sharded_inner_products(lambda t: torch_distributed_all_reduce(t, "sum"))
+        with _buffers_preserved(model), context:
+            fn = hvp(loss_fn, params, mode=mode, rng_seed=seed)
+            est = top_eigenvalue(fn, shapes, iters=cfg.iters, tol=cfg.tol, method=cfg.method, generator=gen)
             out["sharpness/top_eigenvalue"] = est.value
             out["sharpness/hvps"] = float(est.hvps)
             lrs = {float(g["lr"]) for g in optimizer.param_groups} if optimizer is not None else set()
@@ -131,7 +152,8 @@ class SharpnessProbe:
                 out["sharpness/eos_ratio"] = est.value * lr / threshold
             pre = adam_preconditioner(optimizer, params) if optimizer is not None and cfg.preconditioned else None
             if pre is not None:
-                pest = top_eigenvalue(preconditioned(fn, pre.inv_sqrt_p), params, iters=cfg.iters, tol=cfg.tol,
+                inv_sqrt_p = [local_tensor(x) for x in pre.inv_sqrt_p]
+                pest = top_eigenvalue(preconditioned(fn, inv_sqrt_p), shapes, iters=cfg.iters, tol=cfg.tol,
                                       method=cfg.method, generator=gen)
                 out["sharpness/preconditioned"] = pest.value
                 out["sharpness/eos_ratio"] = pest.value / pre.threshold

@@ -1,0 +1,74 @@
+"""The monitor on a model sharded with FSDP2 (``fully_shard``) over 2 CPU ranks (gloo): norms
+of the whole model, the same decisions on every rank, bit-identical rollback of the shards,
+QK-clip on sharded weights, and sharpness from finite differences."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = [pytest.mark.ddp, pytest.mark.slow]
+
+SCRIPT = Path(__file__).with_name("fsdp_run.py")
+
+
+def run(tmp_path, mode, *flags):
+    env = {**os.environ, "STABMON_STRICT": "1", "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.run([sys.executable, str(SCRIPT), str(tmp_path), mode, *flags], env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    names = ["single0"] if mode == "single" else ["fsdp0", "fsdp1"]
+    return [json.loads((tmp_path / f"{n}.json").read_text()) for n in names]
+
+
+@pytest.fixture(scope="module")
+def plain(tmp_path_factory):
+    out = tmp_path_factory.mktemp("fsdp_plain")
+    return run(out, "fsdp"), run(out, "single")[0]
+
+
+def test_norms_equal_those_of_the_unsharded_model(plain):
+    (rank0, rank1), single = plain
+    compared = 0
+    for step, reference in single["metrics"].items():
+        for key, value in reference.items():
+            if key.startswith(("gradients/", "params/", "update/", "loss/")):
+                assert key in rank0["metrics"][step], (step, key)
+                assert rank0["metrics"][step][key] == pytest.approx(value, rel=1e-5, abs=1e-7), (step, key)
+                compared += 1
+        assert rank0["metrics"][step] == rank1["metrics"][step]  # every rank logs the same values
+    assert compared > 200 and any("/norm/blocks_1" in k for k in single["metrics"]["0"])
+
+
+def test_sharpness_from_finite_differences_on_the_sharded_model(plain):
+    (rank0, _), single = plain
+    for step in ("0", "10"):
+        assert rank0["metrics"][step]["sharpness/top_eigenvalue"] == pytest.approx(
+            single["metrics"][step]["sharpness/top_eigenvalue"], rel=0.02)
+
+
+def test_a_spike_on_one_rank_gives_the_same_action_on_both_and_rollback_restores_the_shards(tmp_path):
+    rank0, rank1 = run(tmp_path, "fsdp", "--spike", "--nan")
+    names = [(a["step"], a["name"]) for a in rank0["actions"]]
+    assert names == [(11, "skip_step"), (12, "rollback"), (15, "skip_step")]
+    assert rank0["actions"] == rank1["actions"] and rank0["findings"] == rank1["findings"]
+    for r in (rank0, rank1):  # parameters and optimizer state: the shards of the snapshot after step 10
+        assert r["hash_after"]["12"] == r["hash_after"]["10"]
+        assert r["hash_after"]["13"] == r["hash_after"]["10"]  # a skipped batch after the rollback
+
+
+def test_qk_clip_on_sharded_weights_and_rollback_through_distributed_checkpoint(tmp_path):
+    rank0, rank1 = run(tmp_path, "fsdp", "--clip", "--nan", "--dcp")
+    assert rank0["qk_clip_armed"] == rank1["qk_clip_armed"] == ["blocks.0", "blocks.1"]
+    assert rank0["actions"] == rank1["actions"]
+    assert ("qk_clip", 0) in {(a["name"], a["step"]) for a in rank0["actions"]}
+    assert (12, "rollback") in {(a["step"], a["name"]) for a in rank0["actions"]}
+    for step in ("5", "10"):
+        assert rank0["metrics"][step]["attention/max_logit"] < 4.0 * 1.1  # held at tau on the sharded weights
+    assert rank0["metrics"]["4"]["actions/qk_clip_count"] > 0
+    assert (tmp_path / "snapshots" / "stabmon-snapshot-dcp").is_dir()
+    for r in (rank0, rank1):
+        assert r["hash_after"]["12"] == r["hash_after"]["10"]
