@@ -24,7 +24,7 @@ import pytorch_lightning as pl
 import torch
 
 from _common import load_example, machine, markdown_table, write_json
-from stabmon import StabilityMonitor
+from stabmon import InterventionConfig, StabilityMonitor
 
 
 class LossRecorder(pl.Callback):
@@ -57,14 +57,16 @@ def failure_step(curve: list[float], reference: list[float], margin: float, star
     return failed
 
 
-def run(example, lr: float, steps: int, observe_only: bool, qk_layernorm: bool = False, z_loss: float = 0.0) -> dict:
+def run(example, lr: float, steps: int, observe_only: bool, qk_layernorm: bool = False, z_loss: float = 0.0,
+        intervention: InterventionConfig | None = None, seed: int = 1337) -> dict:
     cfg = example.Config(lr=lr, max_steps=steps, grad_clip=0.0, sharpness_every=100, warmup_steps=20,
-                         qk_layernorm=qk_layernorm, z_loss=z_loss)
+                         qk_layernorm=qk_layernorm, z_loss=z_loss, seed=seed)
     pl.seed_everything(cfg.seed, verbose=False)
     train_loader, val_loader = example.make_data(cfg)
     module = example.GPTModule(cfg)
     monitor = StabilityMonitor(sample_every_n_steps=25, log_every_n_steps=25, sharpness_every_n_steps=100,
-                               observe_only=observe_only, verbose=False)
+                               observe_only=observe_only, verbose=False,
+                               intervention=intervention or InterventionConfig())
     losses = LossRecorder()
     trainer = pl.Trainer(max_steps=steps, accelerator="auto", devices=1, callbacks=[monitor, losses], logger=False,
                          enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
@@ -74,7 +76,11 @@ def run(example, lr: float, steps: int, observe_only: bool, qk_layernorm: bool =
     module.eval()
     with torch.no_grad():
         val = [module.loss(x, y).item() for x, y in val_loader]
+    digest = torch.cat([p.detach().flatten() for p in module.parameters()])
+    summary = monitor.core.summary
     return {
+        "params_sum": float(digest.double().sum()), "params_abs_sum": float(digest.double().abs().sum()),
+        "qk_clips": sum(v for k, v in summary.totals.items() if k == "actions/qk_clip_count"),
         "lr": lr, "observe_only": observe_only, "losses": losses.losses, "val_loss": sum(val) / len(val),
         "findings": [f.to_dict() for f in monitor.findings], "actions": [a.to_dict() for a in monitor.actions_taken],
         "seconds": time.perf_counter() - start,

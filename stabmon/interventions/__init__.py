@@ -1,7 +1,10 @@
-"""Interventions: LR scale-down with recovery, re-warm, skip step, rollback, stop; the policy."""
+"""Interventions: LR scale-down with recovery, re-warm, lasting LR cut, skip step, rollback,
+stop, QK-clip; the policy."""
 
 from stabmon.interventions.lr import LRController, scale_lr_for_next_step
 from stabmon.interventions.policy import Action, Decision, EscalationPolicy, InterventionConfig
+from stabmon.interventions.qk_clip import QKClipOverride, QKClipper
+from stabmon.interventions.qk_locate import NotClippable, QKLocation, locate_qk
 from stabmon.interventions.snapshot import Snapshotter
 
 __all__ = [
@@ -10,6 +13,11 @@ __all__ = [
     "EscalationPolicy",
     "InterventionConfig",
     "LRController",
+    "NotClippable",
+    "QKClipOverride",
+    "QKClipper",
+    "QKLocation",
     "Snapshotter",
+    "locate_qk",
     "scale_lr_for_next_step",
 ]

@@ -64,18 +64,23 @@ def scale_lr_for_next_step(optimizer: torch.optim.Optimizer, factor: float) -> C
 
 
 class LRController:
-    """The LR factor over time: a scale-down held then recovered linearly, times a re-warm ramp.
+    """The LR factor over time: a scale-down held then recovered linearly, times a re-warm
+    ramp, times the lasting cuts.
 
     ``scale(step, factor, hold, recover)``: from ``step`` the LR is multiplied by ``factor``
     (compounding with a scale-down still in force, never below ``min_factor``), held for
     ``hold`` steps, then brought back linearly to 1 over ``recover`` steps.
     ``rewarm(step, start, steps)``: a linear warmup of the factor from ``start`` to 1.
+    ``cut(step, factor)``: from ``step`` on, for the rest of the run, the LR is multiplied by
+    ``factor`` (cuts compound; the total factor never goes below ``min_factor``).
 
     Example:
         >>> c = LRController()
         >>> c.scale(10, 0.5, hold=10, recover=10)
         >>> [round(c.factor(s), 2) for s in (9, 10, 19, 20, 25, 30)]
         [1.0, 0.5, 0.5, 0.5, 0.75, 1.0]
+        >>> c.cut(40, 0.5); [c.factor(s) for s in (39, 40, 10_000)]
+        [1.0, 0.5, 0.5]
     """
 
     def __init__(self, min_factor: float = 0.01) -> None:
@@ -83,6 +88,7 @@ class LRController:
         self.min_factor = min_factor
         self._scale = (1.0, 0, 0, 0)  # factor, start, hold_end, recover_end
         self._rewarm = (1.0, 0, 0)  # start factor, start step, end step
+        self._cuts: list[tuple[int, float]] = []  # (from step, factor) of the lasting cuts
 
     def scale(self, step: int, factor: float, hold: int, recover: int) -> None:
         check_positive_float("factor", factor)
@@ -95,6 +101,17 @@ class LRController:
         check_positive_float("start", start)
         check_positive_int("steps", steps)
         self._rewarm = (start, step, step + steps)
+
+    def cut(self, step: int, factor: float) -> None:
+        check_positive_float("factor", factor)
+        self._cuts.append((step, factor))
+
+    def _cut_factor(self, step: int) -> float:
+        out = 1.0
+        for start, factor in self._cuts:
+            if step >= start:
+                out *= factor
+        return out
 
     def _scale_factor(self, step: int) -> float:
         factor, start, hold_end, recover_end = self._scale
@@ -111,14 +128,16 @@ class LRController:
         return start_factor + (1 - start_factor) * (step - start) / (end - start)
 
     def factor(self, step: int) -> float:
-        return self._scale_factor(step) * self._rewarm_factor(step)
+        return max(self.min_factor, self._scale_factor(step) * self._rewarm_factor(step) * self._cut_factor(step))
 
     def active(self, step: int) -> bool:
-        return self.factor(step) != 1.0
+        """True while a transient rung (scale-down or re-warm) is in force; a lasting cut is not one."""
+        return self._scale_factor(step) * self._rewarm_factor(step) != 1.0
 
     def state_dict(self) -> dict[str, Any]:
-        return {"scale": list(self._scale), "rewarm": list(self._rewarm)}
+        return {"scale": list(self._scale), "rewarm": list(self._rewarm), "cuts": [list(c) for c in self._cuts]}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self._scale = tuple(state["scale"])
         self._rewarm = tuple(state["rewarm"])
+        self._cuts = [(int(s), float(f)) for s, f in state.get("cuts", [])]

@@ -8,6 +8,9 @@ The ladder, in the default configuration:
 * a warning again after ``cooldown`` steps while the LR is still reduced escalates to a
   **re-warm**: the LR factor restarts from ``rewarm_start`` and ramps to 1 over
   ``rewarm_steps``; further warnings during the re-warm are recorded but not acted on;
+* when the same signal fires again after the scale-down and the re-warm (its
+  ``lr_cut_after``-th warning within ``lr_cut_window`` steps), a **lasting LR cut**
+  multiplies the LR by ``lr_cut_factor`` for the rest of the run;
 * a **critical** finding (non-finite loss or gradient, a spike above the critical z-score)
   **skips the step** (parameters and optimizer state untouched);
 * ``rollback_after`` critical findings within ``window`` steps **roll back** to the last
@@ -17,6 +20,10 @@ The ladder, in the default configuration:
 At most ``max_actions_per_window`` actions are taken in any ``window`` steps; after a
 re-warm or a rollback the loss and gradient spike detectors stay quiet for
 ``grace_steps`` steps (the rise is expected and must not trigger a new alarm).
+
+Attention-logit findings of a layer whose query and key weights were located go to
+**QK-clip** first (``stabmon.interventions.qk_clip``, carried out by the monitor): it acts on
+the cause, so those findings never reach the LR rungs.
 """
 
 from __future__ import annotations
@@ -28,13 +35,15 @@ from typing import Any
 
 from stabmon._validation import check_bool, check_positive_float, check_positive_int
 from stabmon.detectors.base import Finding
+from stabmon.interventions.qk_clip import QKClipOverride
 
 __all__ = ["Action", "Decision", "EscalationPolicy", "InterventionConfig"]
 
 
 @dataclass(frozen=True)
 class Action:
-    """Something the monitor did: ``name`` is one of scale_lr, rewarm, skip_step, rollback, stop."""
+    """Something the monitor did: ``name`` is one of scale_lr, rewarm, lr_cut, skip_step, rollback,
+    stop, qk_clip (a layer armed for QK-clip; its clips are counted in the metrics)."""
 
     step: int
     name: str
@@ -67,6 +76,19 @@ class InterventionConfig:
         window: steps of the action cap and of the rollback count. Default 100.
         max_actions_per_window: most actions in any ``window`` steps. Default 10.
         grace_steps: steps the spike detectors stay quiet after a re-warm or rollback. Default 50.
+        qk_clip_tau: the largest per-head max attention logit QK-clip allows; a layer whose
+            max logit passes it is armed (measured every step, its heads above it rescaled
+            after every step); None turns the rung off. Default 80, chosen by measurement:
+            the example GPT's healthy runs (lr 1e-3 to 3e-3) peak at 63, runs at lr 0.03 pass
+            250 by step 25 (benchmarks/RESULTS.md).
+        qk_clip_alpha: the query's share of the rescaling when each query head has its own key
+            head (keys take the rest; with shared key heads the query takes all). Default 0.5.
+        qk_clip_overrides: hand-given query and key entries (``QKClipOverride``) for layers the
+            automatic location refuses. Default none.
+        lr_cut_factor: the lasting LR cut's factor (for the rest of the run). Default 0.5.
+        lr_cut_after: warnings of the same signal within ``lr_cut_window`` steps that make the
+            cut, once a scale-down and a re-warm have been tried. Default 3.
+        lr_cut_window: steps over which those warnings are counted. Default 500.
     """
 
     lr_factor: float = 0.5
@@ -86,6 +108,12 @@ class InterventionConfig:
     window: int = 100
     max_actions_per_window: int = 10
     grace_steps: int = 50
+    qk_clip_tau: float | None = 80.0
+    qk_clip_alpha: float = 0.5
+    qk_clip_overrides: tuple[QKClipOverride, ...] = ()
+    lr_cut_factor: float = 0.5
+    lr_cut_after: int = 3
+    lr_cut_window: int = 500
 
     def __post_init__(self) -> None:
         if not 0 < self.lr_factor < 1:
@@ -104,6 +132,19 @@ class InterventionConfig:
         if self.snapshot_dir is not None and not isinstance(self.snapshot_dir, (str, Path)):
             raise ValueError(f"`snapshot_dir` must be a path or None, got {self.snapshot_dir!r}")
         check_positive_float("lr_factor", self.lr_factor)
+        if self.qk_clip_tau is not None:
+            check_positive_float("qk_clip_tau", self.qk_clip_tau)
+        if not 0 < self.qk_clip_alpha <= 1:
+            raise ValueError(f"`qk_clip_alpha` must be in (0, 1], got {self.qk_clip_alpha!r}")
+        overrides = self.qk_clip_overrides
+        if not isinstance(overrides, (tuple, list)) or not all(isinstance(o, QKClipOverride) for o in overrides):
+            raise ValueError(f"`qk_clip_overrides` must be a tuple of stabmon.interventions.QKClipOverride, "
+                             f"got {overrides!r}")
+        object.__setattr__(self, "qk_clip_overrides", tuple(overrides))
+        if not 0 < self.lr_cut_factor < 1:
+            raise ValueError(f"`lr_cut_factor` must be in (0, 1), got {self.lr_cut_factor!r}")
+        check_positive_int("lr_cut_after", self.lr_cut_after)
+        check_positive_int("lr_cut_window", self.lr_cut_window)
 
 
 @dataclass
@@ -116,6 +157,7 @@ class Decision:
     stop: bool = False
     scale_lr: float | None = None
     rewarm: bool = False
+    lr_cut: float | None = None
 
 
 class EscalationPolicy:
@@ -140,6 +182,7 @@ class EscalationPolicy:
         self.rollbacks = 0
         self._skip_until = -1
         self._rewarm_until = -1
+        self._lr_rungs: dict[str, list[int]] = {}  # signal -> steps of its LR rungs (scale, re-warm) in the window
 
     def skipping(self, step: int) -> bool:
         """True while the batches after a rollback are being skipped."""
@@ -185,9 +228,17 @@ class EscalationPolicy:
             return self._record(step, decision)
         if worst.severity == "warning" and step - self._last_warning_action >= cfg.cooldown:
             if step < self._rewarm_until:
-                return decision  # a re-warm is the last rung for warnings: let it run its course
+                return decision  # a re-warm runs its course before anything else is tried
             self._last_warning_action = step
-            if lr_reduced:
+            signal = _signal_family(worst.signal)
+            rungs = [s for s in self._lr_rungs.get(signal, []) if s > step - cfg.lr_cut_window]
+            self._lr_rungs[signal] = rungs + [step]
+            if len(rungs) + 1 >= cfg.lr_cut_after and len(rungs) >= 2:
+                self._lr_rungs[signal] = []
+                decision.lr_cut = cfg.lr_cut_factor
+                decision.actions.append(Action(step, "lr_cut", f"LR x{cfg.lr_cut_factor:g} for the rest of the run: "
+                                               f"{signal} fired again after a scale-down and a re-warm; {why}"))
+            elif lr_reduced:
                 self._rewarm_until = step + cfg.rewarm_steps
                 decision.rewarm = True
                 decision.actions.append(Action(step, "rewarm", f"LR re-warm from {cfg.rewarm_start:g} of the LR over "
@@ -207,7 +258,8 @@ class EscalationPolicy:
     def state_dict(self) -> dict[str, Any]:
         return {"action_steps": list(self._action_steps), "critical_steps": list(self._critical_steps),
                 "last_warning_action": self._last_warning_action, "rollbacks": self.rollbacks,
-                "skip_until": self._skip_until, "rewarm_until": self._rewarm_until}
+                "skip_until": self._skip_until, "rewarm_until": self._rewarm_until,
+                "lr_rungs": {k: list(v) for k, v in self._lr_rungs.items()}}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self._action_steps = deque(int(s) for s in state["action_steps"])
@@ -216,3 +268,9 @@ class EscalationPolicy:
         self.rollbacks = int(state["rollbacks"])
         self._skip_until = int(state["skip_until"])
         self._rewarm_until = int(state["rewarm_until"])
+        self._lr_rungs = {k: [int(s) for s in v] for k, v in state.get("lr_rungs", {}).items()}
+
+
+def _signal_family(signal: str) -> str:
+    """``attention/max_logit/layer_02`` -> ``attention/max_logit``: the layers of a signal count together."""
+    return "/".join(signal.split("/")[:2])

@@ -1,4 +1,5 @@
 import copy
+import math
 
 import pytest
 import torch
@@ -146,3 +147,48 @@ def test_policy_state_round_trip():
 def test_config_errors(kwargs, match):
     with pytest.raises(ValueError, match=match):
         InterventionConfig(**kwargs)
+
+
+def test_a_signal_that_keeps_firing_gets_a_lasting_lr_cut():
+    cfg = InterventionConfig(cooldown=10, rewarm_steps=50, lr_cut_factor=0.25, lr_cut_after=3, lr_cut_window=500)
+    policy = EscalationPolicy(cfg)
+    d = policy.decide(5, [warning(5)], lr_reduced=False, snapshot_available=True)
+    assert [a.name for a in d.actions] == ["scale_lr"]
+    assert policy.decide(20, [warning(20)], lr_reduced=True, snapshot_available=True).rewarm
+    assert policy.decide(60, [warning(60)], lr_reduced=True, snapshot_available=True).actions == []  # re-warm runs
+    d = policy.decide(80, [warning(80)], lr_reduced=False, snapshot_available=True)
+    assert d.lr_cut == 0.25 and [a.name for a in d.actions] == ["lr_cut"]
+    assert "rest of the run" in d.actions[0].detail
+    # the ladder starts again above the cut; warnings far apart never add up to a cut
+    assert [a.name for a in policy.decide(100, [warning(100)], lr_reduced=False, snapshot_available=True).actions] \
+        == ["scale_lr"]
+    sparse = EscalationPolicy(cfg)
+    names = [a.name for s in (0, 600, 1200, 1800) for a in
+             sparse.decide(s, [warning(s)], lr_reduced=False, snapshot_available=True).actions]
+    assert names == ["scale_lr"] * 4
+    other = EscalationPolicy(cfg)
+    other.load_state_dict(copy.deepcopy(policy.state_dict()))
+    assert other.state_dict() == policy.state_dict()
+
+
+def test_lasting_cut_is_scheduler_safe_and_survives_a_checkpoint():
+    controller = LRController()
+    controller.scale(0, 0.5, hold=2, recover=2)
+    controller.cut(3, 0.5)
+    assert [controller.factor(s) for s in (0, 2, 3, 4, 100)] == [0.5, 0.5, 0.375, 0.5, 0.5]
+    assert not controller.active(100)  # a lasting cut is no transient rung: the ladder may start again
+    w = torch.nn.Parameter(torch.ones(1))
+    opt = torch.optim.SGD([w], lr=0.1)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+    for i, step in enumerate(range(3, 6)):
+        w.grad = torch.ones(1)
+        restore = scale_lr_for_next_step(opt, controller.factor(step))
+        before = w.item()
+        opt.step()
+        restore()
+        assert math.isclose(before - w.item(), 0.1 * 0.5 ** i * controller.factor(step), rel_tol=1e-5)
+        sched.step()
+    assert math.isclose(opt.param_groups[0]["lr"], 0.1 * 0.5 ** 3)  # the schedule itself is untouched
+    fresh = LRController()
+    fresh.load_state_dict(copy.deepcopy(controller.state_dict()))
+    assert fresh.factor(50) == 0.5
