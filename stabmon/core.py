@@ -27,14 +27,16 @@ import torch
 from stabmon._failsoft import FailSoft
 from stabmon._validation import check_bool, check_optional_instance, check_positive_int
 from stabmon.detectors import DetectionConfig, Finding
-from stabmon.interventions import Action, EscalationPolicy, InterventionConfig, LRController, Snapshotter
+from stabmon.interventions import Action, EscalationPolicy, InterventionConfig, LRController, QKClipper, Snapshotter
 from stabmon.interventions.lr import scale_lr_for_next_step
 from stabmon.probes.attention import AttentionProbe
+from stabmon.curvature.hessian_vector import _isolated_rng
 from stabmon.probes.capture import ForwardCapture
+from stabmon.probes.compiled import canonical_name, eager_view, is_compiled
 from stabmon.probes.gradients import GradientProbe
 from stabmon.probes.logits import LogitProbe
 from stabmon.probes.series import StepSeries
-from stabmon.probes.sharpness import SharpnessConfig, SharpnessProbe
+from stabmon.probes.sharpness import SharpnessConfig, SharpnessProbe, _buffers_preserved
 from stabmon.report import RunSummary
 from stabmon.signals import AllReduce, SignalSet, active_all_reduce, torch_distributed_all_reduce, world_size
 
@@ -49,7 +51,8 @@ class MonitorCore:
     Args:
         model: the module whose forward, gradients and parameters are watched.
         sample_every_n_steps: steps between sampled forwards (attention and logit probes,
-            update-to-weight ratio). Step 0 is sampled. Default 50.
+            update-to-weight ratio). Step 0 is sampled, and so are the powers of two below
+            the first period (1, 2, 4, ...), to catch an early blow-up. Default 50.
         log_every_n_steps: steps between emissions of the per-step statistics (loss and
             gradient norms, summarised over the interval). Sampled steps always emit.
             Default 50.
@@ -68,6 +71,8 @@ class MonitorCore:
             Default False (the test suite turns it on).
         all_reduce: cross-rank reduction of signals; default: torch.distributed when a
             process group is initialised, else none.
+        compiled_probe_rows: on a ``torch.compile``-d model, the rows of the current batch the
+            eager probe forward (``run_probe``) sees. Default 4.
 
     Example:
         >>> model = torch.nn.Linear(4, 3)
@@ -98,9 +103,12 @@ class MonitorCore:
         observe_only: bool = False,
         strict: bool = False,
         all_reduce: AllReduce | None = torch_distributed_all_reduce,
+        compiled_probe_rows: int = 4,
     ) -> None:
         check_positive_int("sample_every_n_steps", sample_every_n_steps)
         check_positive_int("log_every_n_steps", log_every_n_steps)
+        check_positive_int("compiled_probe_rows", compiled_probe_rows)
+        self.compiled_probe_rows = compiled_probe_rows
         for name, value in (("attention", attention), ("logits", logits), ("gradients", gradients),
                             ("per_layer", per_layer), ("strict", strict), ("observe_only", observe_only)):
             check_bool(name, value)
@@ -113,7 +121,8 @@ class MonitorCore:
 
         self.attention = AttentionProbe() if attention else None
         self.logits = LogitProbe() if logits else None
-        self.gradients = GradientProbe(model.named_parameters(), world=world_size()) if gradients else None
+        self._gradients_wanted = gradients
+        self.gradients = self._gradient_probe() if gradients else None
         self.loss = StepSeries({"mean": "loss/mean", "last": "loss/last", "max": "loss/max",
                                 "nonfinite_steps": "loss/nonfinite_steps"})
         self.grad_norm = StepSeries({"max": "gradients/norm_max", "min": "gradients/norm_min",
@@ -133,12 +142,21 @@ class MonitorCore:
         self.stop_reason: str | None = None
         self._optimizer: torch.optim.Optimizer | None = None
         self._step_losses: list[torch.Tensor] = []  # the micro-batches' losses of the current step
+        self._step_skipped = False
+        self._compiled: bool | None = None  # found out at the first step (the model may be compiled late)
         self._last_finding_step = -(10**9)
         self._restore_lr = lambda: None
         self._interval_findings = {"warning": 0, "critical": 0}
         self._interval_actions = 0
+        # QK-clip: needs the attention probe (its per-layer max logit arms a layer) and may act.
+        tau = intervention.qk_clip_tau if intervention is not None else None
+        self.qk_clip = (
+            QKClipper(model, tau, alpha=intervention.qk_clip_alpha, overrides=intervention.qk_clip_overrides,
+                      all_reduce=all_reduce, layer_names=self._layer_of_site)
+            if tau is not None and self.attention is not None and not observe_only else None
+        )
         self.capture = ForwardCapture(
-            on_attention=self.attention.observe if self.attention else None,
+            on_attention=self._on_attention if self.attention else None,
             on_logits=self.logits.observe if self.logits else None,
             guard=self.guard.run,
         )
@@ -150,9 +168,71 @@ class MonitorCore:
         self._checked_missing = False
         self.last_head_maps: dict[str, dict[str, torch.Tensor]] = {}
 
+    def _gradient_probe(self) -> GradientProbe:
+        named = ((canonical_name(n), p) for n, p in self.model.named_parameters())
+        return GradientProbe(named, world=world_size())
+
+    def _refresh_parameters(self) -> None:
+        """Parameters made or replaced after the monitor (``configure_model``, ``fully_shard``):
+        follow them. One identity check per step."""
+        first = next((p for p in self.model.parameters() if p.requires_grad), None)
+        current = self.gradients.params[0] if self.gradients.params else None
+        if first is not current:
+            self.gradients = self._gradient_probe()
+
+    # -- torch.compile ---------------------------------------------------------------------
+    @property
+    def compiled(self) -> bool:
+        """True when the model (or a part of it) runs compiled: the probes then run on an eager
+        forward of the original modules (``run_probe``) and never touch the compiled one."""
+        if self._compiled is None:
+            self._compiled = is_compiled(self.model)
+            if self._compiled and self.qk_clip is not None:
+                self.qk_clip.hooks_between_probes = False
+                self.qk_clip.remove_hooks()
+        return self._compiled
+
+    def probe_due(self, step: int | None = None) -> bool:
+        """On a compiled model: True when this step needs the eager probe forward (a sampled step,
+        or any step while a QK-clip layer is armed)."""
+        step = self.step if step is None else step
+        if not self.compiled or step is None:
+            return False
+        return self.is_sampled(step) or bool(self.qk_clip is not None and self.qk_clip.armed)
+
+    def run_probe(self, forward: Callable[[], Any]) -> None:
+        """Run ``forward`` (the model and its loss on a few rows of the batch) eagerly under the probes.
+
+        For compiled models, on the steps ``probe_due`` names, before the training forward. The
+        original modules stand in for the compiled ones (``stabmon.probes.compiled.eager_view``):
+        no graph is compiled or invalidated. It runs without gradients (with them only while an
+        attention layer still has to be located for QK-clip), under a forked RNG, and puts
+        BatchNorm statistics back, so the run itself is not changed.
+        """
+        sampled = self.is_sampled(self.step) if self.step is not None else False
+        locate = sampled and self.qk_clip is not None
+        devices = [p.device for p in self.model.parameters()][:1]
+        with eager_view(self.model), _buffers_preserved(self.model), _isolated_rng(devices, 0), \
+                torch.set_grad_enabled(locate):
+            if self.qk_clip is not None:
+                self.qk_clip.attach_hooks()
+            try:
+                if sampled and (self.attention or self.logits):
+                    self.guard.run("capture", self.capture.attach, self.model)
+                self.guard.run("probe forward", forward)
+            finally:
+                self.end_forward()
+                if self.qk_clip is not None:
+                    self.qk_clip.remove_hooks()
+
     # -- per-step protocol ----------------------------------------------------------------
     def is_sampled(self, step: int) -> bool:
-        return step % self.sample_every_n_steps == 0
+        """Every ``sample_every_n_steps``-th step, and the powers of two before the first of them:
+        attention logits can run away within the first tens of steps at a too-high LR (the
+        example GPT at lr 0.03 passes 80 at step 15), so the first period is sampled at steps
+        1, 2, 4, 8, ... as well (``log2(sample_every_n_steps)`` extra samples in a run)."""
+        n = self.sample_every_n_steps
+        return step % n == 0 or (step < n and step & (step - 1) == 0)
 
     def start_step(self, step: int | None = None) -> bool:
         """Begin a step (or another micro-batch of it). Returns True when it is sampled."""
@@ -163,14 +243,34 @@ class MonitorCore:
         if not first_micro_batch:
             return self.sampled
         self.sampled = self.is_sampled(step)
-        if self.sampled and (self.attention or self.logits):
+        if self.sampled and (self.attention or self.logits) and not self.compiled:
             self.guard.run("capture", self.capture.attach, self.model)
         return self.sampled
 
     def end_forward(self) -> None:
-        """Leave the capture (before backward, so recomputed forwards are not counted twice)."""
+        """Leave the capture (before backward, so recomputed forwards are not counted twice);
+        locate the query and key weights of attention layers seen for the first time."""
         if self.capture.attached:
             self.guard.run("capture", self.capture.detach)
+            if self.qk_clip is not None:
+                for message in self.guard.run("qk-clip", self.qk_clip.locate_pending) or []:
+                    self.guard.warn_once(message, message)
+
+    def _on_attention(self, q: torch.Tensor, k: torch.Tensor, *, module: str, **kwargs: Any) -> None:
+        self.attention.observe(q, k, module=module, **kwargs)
+        if self.qk_clip is not None and self.qk_clip.wants(module):
+            self.qk_clip.capture(q, k, site=module)
+
+    def _layer_of_site(self, site: str) -> str:
+        """The reported layer name (``layer_00``) of an attention call site."""
+        layers = self.attention.layers.items() if self.attention is not None else ()
+        for layer, acc in layers:
+            if acc.module == site:
+                return layer
+        for layer, module in self.attention_modules.items():
+            if module == site:
+                return layer
+        return site
 
     def observe_loss(self, loss: torch.Tensor | None) -> None:
         """The loss of this micro-batch (kept by reference: no work on the device here)."""
@@ -192,9 +292,20 @@ class MonitorCore:
         On sharpness steps, ``loss_fn`` (no arguments, the loss on a held batch) and the
         optimizer feed the sharpness probe.
         """
+        if self.gradients is not None:
+            self._refresh_parameters()
         if loss_fn is not None and self.sharpness_due():
+            if self.compiled:  # no double backward through a compiled graph: the eager original
+                compiled_loss = loss_fn
+
+                def loss_fn() -> torch.Tensor:
+                    with eager_view(self.model):
+                        return compiled_loss()
+
             values = self.guard.run("sharpness probe", self.sharpness.measure, loss_fn, self.model, optimizer)
             self._sharpness_values = values or {}
+            for note in self.sharpness.notes:
+                self.guard.warn_once(note, note)
         grad = None
         if self.gradients is not None and not self.gradients.empty:
             grad = self.guard.run("gradient probe", self.gradients.observe)
@@ -269,31 +380,61 @@ class MonitorCore:
         for f in findings:
             self.findings.append(f)
             self._interval_findings[f.severity] = self._interval_findings.get(f.severity, 0) + 1
-            self._last_finding_step = step
-            log.warning("stabmon step %d: %s [%s]", step, f.message, f.severity)
+            if f.severity != "info":  # an info finding (e.g. past the edge of stability) is no sign of ill health
+                self._last_finding_step = step
+            if _rank_zero():
+                log.log(logging.INFO if f.severity == "info" else logging.WARNING, "stabmon step %d: %s [%s]", step,
+                        f.message, f.severity)
         if self.policy is None or self.observe_only:
             return
+        findings = self._route_to_qk_clip(findings)
         decision = self.policy.decide(step, findings, lr_reduced=self.lr_control.active(step),
                                       snapshot_available=bool(self.snapshots and self.snapshots.available))
         cfg = self.policy.config
         if decision.rollback and self.snapshots is not None:
             restored = self.snapshots.restore(self.model, optimizer or self._optimizer)
             self.detectors.quiet_until(step + cfg.grace_steps)
-            log.warning("stabmon step %d: rolled back to the snapshot of step %d", step, restored)
+            if _rank_zero():
+                log.warning("stabmon step %d: rolled back to the snapshot of step %d", step, restored)
         if decision.scale_lr is not None:
             self.lr_control.scale(step, decision.scale_lr, cfg.lr_hold, cfg.lr_recover)
         if decision.rewarm:
             self.lr_control.rewarm(step, cfg.rewarm_start, cfg.rewarm_steps)
             self.detectors.quiet_until(step + cfg.grace_steps)
+        if decision.lr_cut is not None:
+            self.lr_control.cut(step, decision.lr_cut)
         if decision.skip_step and before_step:
+            self._step_skipped = True
             for p in self.model.parameters():
                 p.grad = None  # torch optimizers leave parameters and state alone without a grad
         if decision.stop:
             self.stop_reason = decision.actions[-1].detail if decision.actions else "stop"
         for action in decision.actions:
-            self.actions_taken.append(action)
-            self._interval_actions += 1
-            log.warning("stabmon step %d: action %s: %s", step, action.name, action.detail)
+            self._record_action(action.name, action.detail)
+
+    def _record_action(self, name: str, detail: str | None) -> None:
+        if detail is None:
+            return
+        self.actions_taken.append(Action(self.step, name, detail))
+        self._interval_actions += 1
+        if _rank_zero():
+            log.warning("stabmon step %d: action %s: %s", self.step, name, detail)
+
+    def _route_to_qk_clip(self, findings: list[Finding]) -> list[Finding]:
+        """Attention findings of a layer QK-clip can act on go to QK-clip (which targets the
+        cause: it arms the layer); only the rest reach the LR rungs."""
+        if self.qk_clip is None:
+            return findings
+        rest = []
+        for f in findings:
+            parts = f.signal.split("/")
+            site = self.attention_modules.get(parts[2]) if parts[0] == "attention" and len(parts) == 3 else None
+            if site is None or not (site in self.qk_clip.armed or self.qk_clip.can_arm(site)):
+                rest.append(f)
+                continue
+            if site not in self.qk_clip.armed:
+                self._record_action("qk_clip", self.qk_clip.arm(site, self.step, why=f.message))
+        return rest
 
     def _maybe_snapshot(self) -> None:
         cfg = self.policy.config
@@ -305,10 +446,12 @@ class MonitorCore:
     def after_optimizer_step(self) -> None:
         self._restore_lr()  # normally done by the step post-hook already
         self._restore_lr = lambda: None
+        if self.qk_clip is not None and self.qk_clip.armed:
+            # A skipped (or rolled-back) step leaves the weights alone: so does QK-clip.
+            self.guard.run("qk-clip", self.qk_clip.discard if self._step_skipped else self.qk_clip.apply)
+        self._step_skipped = False
         if self.gradients is not None and self.sampled:
             self.guard.run("gradient probe", self.gradients.measure_update)
-        if self.policy is not None and not self.observe_only and self.step is not None:
-            self.guard.run("snapshot", self._maybe_snapshot)
 
     def should_emit(self, step: int) -> bool:
         return self.is_sampled(step) or (step + 1) % self.log_every_n_steps == 0 or bool(self._sharpness_values)
@@ -324,6 +467,7 @@ class MonitorCore:
                 self.loss.add_device(loss)
         step = self.step
         if step is None or not self.should_emit(step):
+            self._snapshot_if_healthy()
             return None
         if self.sampled and not self._checked_missing:
             self._checked_missing = True
@@ -333,7 +477,13 @@ class MonitorCore:
             self.guard.run("detection", lambda: self._handle(self.detectors.on_sample(step, metrics), None, False))
         metrics.update(self._action_metrics())
         self.summary.update(step, metrics)
+        self._snapshot_if_healthy()
         return metrics
+
+    def _snapshot_if_healthy(self) -> None:
+        # Last thing in a step: after the detectors and any QK-clip arming saw it.
+        if self.policy is not None and not self.observe_only and self.step is not None:
+            self.guard.run("snapshot", self._maybe_snapshot)
 
     def _action_metrics(self) -> dict[str, float]:
         """Host values, the same on every rank: no reduction needed."""
@@ -369,9 +519,23 @@ class MonitorCore:
         if self.gradients is not None:
             self.gradients.signals(signals, prefix="gradients", per_layer=self.per_layer)
             self.grad_norm.signals(signals)
+        if self.qk_clip is not None:
+            self.qk_clip.signals(signals)
+            self.qk_clip.reset_interval()
         metrics = signals.reduce(self._all_reduce)
+        if self.sampled and self.qk_clip is not None:
+            self.guard.run("qk-clip", self._arm_qk_clip, metrics)
         self._reset_interval()
         return metrics
+
+    def _arm_qk_clip(self, metrics: dict[str, float]) -> None:
+        """Arm (and clip now) every located layer whose max logit passed tau at this sample."""
+        tau = self.qk_clip.tau
+        for layer, acc in self.attention.layers.items():
+            value = metrics.get(f"attention/max_logit/{layer}")
+            if value is not None and value > tau and self.qk_clip.can_arm(acc.module):
+                self._record_action("qk_clip", self.qk_clip.arm(acc.module, self.step, head_max=acc.max_logit,
+                                                              why=f"its max logit is {value:.4g}"))
 
     def _reset_interval(self) -> None:
         self.loss.reset()
@@ -407,6 +571,8 @@ class MonitorCore:
     def close(self) -> None:
         """Remove anything installed on the model (safe at any time)."""
         self.capture.detach()
+        if self.qk_clip is not None:
+            self.qk_clip.remove_hooks()
 
     # -- checkpointing ----------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -418,6 +584,7 @@ class MonitorCore:
             "detectors": self.detectors.state_dict() if self.detectors is not None else None,
             "policy": self.policy.state_dict() if self.policy is not None else None,
             "lr_control": self.lr_control.state_dict(),
+            "qk_clip": self.qk_clip.state_dict() if self.qk_clip is not None else None,
             "last_finding_step": self._last_finding_step,
             "findings": [f.to_dict() for f in self.findings[-1000:]],
             "actions": [a.to_dict() for a in self.actions_taken[-1000:]],
@@ -432,9 +599,18 @@ class MonitorCore:
         if self.policy is not None and state.get("policy") is not None:
             self.policy.load_state_dict(state["policy"])
         self.lr_control.load_state_dict(state["lr_control"])
+        if self.qk_clip is not None and state.get("qk_clip") is not None:
+            self.qk_clip.load_state_dict(state["qk_clip"])
         self._last_finding_step = int(state["last_finding_step"])
         self.findings = [Finding(**f) for f in state["findings"]]
         self.actions_taken = [Action(**a) for a in state["actions"]]
+
+
+def _rank_zero() -> bool:
+    """True on the first process (or without torch.distributed): log lines come from it only."""
+    import torch.distributed as dist
+
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
 
 
 def _device_of(model: torch.nn.Module) -> torch.device:

@@ -35,8 +35,9 @@ class RunSummary:
         "sharpness/top_eigenvalue": max,
         "sharpness/preconditioned": max,
         "sharpness/eos_ratio": max,
+        "actions/qk_clip_min_gamma": min,
     }
-    _TOTAL = ("loss/nonfinite_steps", "gradients/nonfinite_steps", "logits/nonfinite")
+    _TOTAL = ("loss/nonfinite_steps", "gradients/nonfinite_steps", "logits/nonfinite", "actions/qk_clip_count")
 
     def __init__(self) -> None:
         self.extremes: dict[str, float] = {}
@@ -140,9 +141,14 @@ class RunSummary:
             lines.append(line)
         if "loss/mean" in self.latest:
             lines.append(f"  loss: {_fmt(self.first_loss)} at the first sample -> {_fmt(self.latest['loss/mean'])} now")
+        if self.totals.get("actions/qk_clip_count") or "actions/qk_clip_armed" in self.latest:
+            lines.append(f"  qk-clip: {int(self.latest.get('actions/qk_clip_armed', 0))} layers armed, "
+                         f"{int(self.totals['actions/qk_clip_count'])} head clips, smallest factor "
+                         f"{_fmt(self.extremes.get('actions/qk_clip_min_gamma'))}")
         lines.append(
             "  non-finite: "
-            + ", ".join(f"{name.replace('/', ' ').replace('_', ' ')} {int(count)}" for name, count in self.totals.items())
+            + ", ".join(f"{name.replace('/', ' ').replace('_', ' ')} {int(count)}" for name, count in self.totals.items()
+                        if "nonfinite" in name)
         )
         return "\n".join(lines)
 

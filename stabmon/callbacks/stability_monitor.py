@@ -5,20 +5,21 @@ from __future__ import annotations
 import os
 import sys
 from collections.abc import Sequence
-from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 import torch
 from typing_extensions import override
 
-from stabmon._validation import check_bool, check_optional_instance, check_positive_int
-from stabmon.alerts import AlertChannel, AlertDispatcher
+from stabmon.alerts import AlertChannel
 from stabmon.callbacks._lightning import CALLBACK_BASES, logger_kind, namespace_of
 from stabmon.core import MonitorCore
 from stabmon.detectors import DetectionConfig, Finding
 from stabmon.interventions import Action, InterventionConfig
 from stabmon.keys import logged_key, logged_metrics, split_layers
+from stabmon.probes.batches import head_of_batch
+from stabmon.settings import MonitorSettings
 from stabmon.probes.sharpness import SharpnessConfig
+from stabmon.sinks.reporter import Reporter
 
 if TYPE_CHECKING:
     import pytorch_lightning as pl
@@ -67,6 +68,11 @@ class StabilityMonitor(*CALLBACK_BASES):
             are not sent again. Sent from rank 0 only. Default: none.
         wandb_heatmap_every_n_steps: with a ``WandbLogger`` (or an active ``wandb.run``),
             steps between per-layer x per-head attention heatmaps. Default 500.
+        compiled_probe_rows: with a ``torch.compile``-d model (a compiled submodule, ``m.compile()``,
+            or ``Trainer.fit(torch.compile(module))``) the compiled forward is never touched: on
+            sampled steps (and on every step while a QK-clip layer is armed) the probes run on
+            an eager forward of the original modules over the first ``compiled_probe_rows``
+            rows of the batch, without gradients, before the training step. Default 4.
         log_key_prefix: prefix of every logged key. Default ``"stabmon"``.
         verbose: print the summary at the end of the fit (rank 0). Default True.
         strict: re-raise errors inside the monitor instead of disabling the failing part
@@ -132,48 +138,25 @@ class StabilityMonitor(*CALLBACK_BASES):
         logits: bool = True,
         gradients: bool = True,
         per_layer: bool = True,
+        compiled_probe_rows: int = 4,
         log_key_prefix: str = "stabmon",
         verbose: bool = True,
         strict: bool | None = None,
     ) -> None:
-        check_positive_int("sample_every_n_steps", sample_every_n_steps)
-        check_positive_int("log_every_n_steps", log_every_n_steps, allow_none=True)
-        check_positive_int("sharpness_every_n_steps", sharpness_every_n_steps, allow_none=True)
-        check_optional_instance("sharpness", sharpness, SharpnessConfig)
-        check_optional_instance("detection", detection, DetectionConfig)
-        check_optional_instance("intervention", intervention, InterventionConfig)
-        for name, value in (("observe_only", observe_only), ("attention", attention), ("logits", logits),
-                            ("gradients", gradients), ("per_layer", per_layer), ("verbose", verbose)):
-            check_bool(name, value)
-        if strict is not None:
-            check_bool("strict", strict)
-        alerts = list(alerts)
-        bad = [a for a in alerts if not isinstance(a, AlertChannel)]
-        if bad:
-            raise ValueError(f"`alerts` must hold stabmon.alerts channels (LogAlert, WandbAlert, WebhookAlert), "
-                             f"got {type(bad[0]).__name__}")
-        check_positive_int("wandb_heatmap_every_n_steps", wandb_heatmap_every_n_steps)
-        if not isinstance(log_key_prefix, str):
-            raise ValueError(f"`log_key_prefix` must be a str, got {log_key_prefix!r}")
-        self.sample_every_n_steps = sample_every_n_steps
-        self.log_every_n_steps = log_every_n_steps
-        self.sharpness_every_n_steps = sharpness_every_n_steps
-        self.sharpness_config = (
-            None if sharpness_every_n_steps is None
-            else replace(sharpness or SharpnessConfig(), every_n_steps=sharpness_every_n_steps)
+        self.settings = settings = MonitorSettings(
+            sample_every_n_steps=sample_every_n_steps, log_every_n_steps=log_every_n_steps,
+            sharpness_every_n_steps=sharpness_every_n_steps, sharpness=sharpness, observe_only=observe_only,
+            detection=detection, intervention=intervention, alerts=alerts,
+            wandb_heatmap_every_n_steps=wandb_heatmap_every_n_steps, attention=attention, logits=logits,
+            gradients=gradients, per_layer=per_layer, compiled_probe_rows=compiled_probe_rows,
+            log_key_prefix=log_key_prefix, verbose=verbose, strict=strict,
         )
-        self.observe_only = observe_only
-        self.detection = detection
-        self.intervention = intervention
-        self.alerts = AlertDispatcher(alerts) if alerts else None
-        self.wandb_heatmap_every_n_steps = wandb_heatmap_every_n_steps
+        self.sample_every_n_steps = settings.sample_every_n_steps
+        self.log_key_prefix = settings.log_key_prefix
+        self.verbose = settings.verbose
+        self.alerts = settings.dispatcher()
         self.wandb = None
-        self._reported = (0, 0)  # findings and actions already sent to the sinks
-        self._run_name = "run"
-        self._probe_flags = {"attention": attention, "logits": logits, "gradients": gradients, "per_layer": per_layer}
-        self.log_key_prefix = log_key_prefix.rstrip("/")
-        self.verbose = verbose
-        self.strict = strict if strict is not None else os.environ.get("STABMON_STRICT", "") not in ("", "0")
+        self.reporter = Reporter(self.alerts, None)
         self.core: MonitorCore | None = None
         self.latest_metrics: dict[str, float] = {}
         self._pending_state: dict[str, Any] | None = None
@@ -191,18 +174,8 @@ class StabilityMonitor(*CALLBACK_BASES):
     def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
         if stage != "fit":
             return
-        self.core = MonitorCore(
-            pl_module,
-            sample_every_n_steps=self.sample_every_n_steps,
-            log_every_n_steps=self.log_every_n_steps or max(1, trainer.log_every_n_steps),
-            sharpness=self.sharpness_config,
-            detection=self.detection,
-            intervention=self.intervention,
-            observe_only=self.observe_only,
-            strict=self.strict,
-            **self._probe_flags,
-        )
-        if self.sharpness_config is not None and not pl_module.automatic_optimization:
+        self.core = self.settings.make_core(pl_module, trainer.log_every_n_steps)
+        if self.settings.sharpness_config is not None and not pl_module.automatic_optimization:
             self.core.guard.warn_once(
                 "sharpness manual", "stabmon: the sharpness probe needs automatic optimization; it is off for this run."
             )
@@ -221,8 +194,11 @@ class StabilityMonitor(*CALLBACK_BASES):
             return
         self._step_at_start = trainer.global_step
         self.core.start_step(trainer.global_step)
+        if self.core.probe_due():  # a compiled model: the probes see an eager forward of a few rows
+            rows = head_of_batch(batch, self.core.compiled_probe_rows)
+            self.core.run_probe(lambda: _quiet_training_step(pl_module, rows))
         if self.core.sharpness is not None and self._held_batch is None:
-            self._held_batch = _head_of_batch(batch, self.core.sharpness.config.batch_size)
+            self._held_batch = head_of_batch(batch, self.core.sharpness.config.batch_size)
 
     @override
     def on_before_backward(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", loss: torch.Tensor) -> None:
@@ -260,7 +236,8 @@ class StabilityMonitor(*CALLBACK_BASES):
         if metrics:
             self._emit(trainer, self._step_at_start, metrics)
         if trainer.is_global_zero:
-            self.core.guard.run("sinks", self._report, self._step_at_start, bool(metrics) and self.core.sampled)
+            self.core.guard.run("sinks", self.reporter.report, self.core, self._step_at_start,
+                               bool(metrics) and self.core.sampled)
         if self.core.stop_reason is not None and not trainer.should_stop:
             self._stop(trainer)
 
@@ -273,12 +250,8 @@ class StabilityMonitor(*CALLBACK_BASES):
         if metrics and self.core.step is not None:
             self._emit(trainer, self.core.step, metrics)
         if trainer.is_global_zero and self.core.step is not None:
-            self.core.guard.run("sinks", self._report, self.core.step, False)
-            if self.wandb is not None:
-                self.core.guard.run("wandb", self.wandb.log_events, self.core.step)
-                self.core.guard.run("wandb", self.wandb.log_series, self.core.step)
-        if self.alerts is not None:
-            self.alerts.close()
+            self.core.guard.run("sinks", self.reporter.report, self.core, self.core.step, False)
+        self.reporter.finish(self.core)
         if self.verbose and trainer.is_global_zero:
             print(self.summary(), flush=True)
 
@@ -343,27 +316,14 @@ class StabilityMonitor(*CALLBACK_BASES):
             run = sys.modules["wandb"].run
         if run is None:
             if trainer.loggers:
-                self._run_name = f"{trainer.loggers[0].name}/{trainer.loggers[0].version}"
+                self.reporter.run = f"{trainer.loggers[0].name}/{trainer.loggers[0].version}"
             return
         from stabmon.sinks.wandb import WandbExtras
 
-        self._run_name = getattr(run, "name", None) or "wandb run"
-        self.wandb = WandbExtras(run, prefix=self.log_key_prefix, heatmap_every_n_steps=self.wandb_heatmap_every_n_steps)
+        self.reporter.run = getattr(run, "name", None) or "wandb run"
+        self.wandb = self.reporter.wandb = WandbExtras(
+            run, prefix=self.log_key_prefix, heatmap_every_n_steps=self.settings.wandb_heatmap_every_n_steps)
         self.wandb.define_metrics()
-
-    def _report(self, step: int, sampled: bool) -> None:
-        """New findings and actions to the alert channels and W&B; heatmaps on sampled steps."""
-        seen_findings, seen_actions = self._reported
-        findings = self.core.findings[seen_findings:]
-        actions = self.core.actions_taken[seen_actions:]
-        self._reported = (len(self.core.findings), len(self.core.actions_taken))
-        if findings and self.alerts is not None:
-            self.alerts.dispatch(findings, actions, run=self._run_name)
-        if self.wandb is not None:
-            if findings or actions:
-                self.wandb.record(findings, actions)
-            if sampled:
-                self.wandb.heatmaps(step, self.core.last_head_maps, self.core.attention_modules)
 
     def _emit(self, trainer: "pl.Trainer", step: int, metrics: dict[str, float]) -> None:
         """To every logger (one chart per per-layer signal where the logger can draw it) and
@@ -389,18 +349,6 @@ class StabilityMonitor(*CALLBACK_BASES):
         # One tensor for all values, viewed per key: no tensor constructor per key.
         values = torch.tensor(list(flat.values()), dtype=torch.float32).unbind()
         trainer.callback_metrics.update(zip(flat, values))
-
-
-def _head_of_batch(batch: Any, rows: int) -> Any:
-    """The first ``rows`` rows of every tensor in a batch (tuples, lists and dicts recursed), detached."""
-    if isinstance(batch, torch.Tensor):
-        return batch[:rows].detach().clone() if batch.dim() > 0 else batch.detach().clone()
-    if isinstance(batch, (list, tuple)):
-        items = [_head_of_batch(b, rows) for b in batch]
-        return type(batch)(*items) if hasattr(batch, "_fields") else type(batch)(items)
-    if isinstance(batch, dict):
-        return type(batch)({k: _head_of_batch(v, rows) for k, v in batch.items()})
-    return batch
 
 
 def _quiet_training_step(pl_module: "pl.LightningModule", batch: Any) -> torch.Tensor:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from stabmon._validation import check_positive_float, check_positive_int
+from stabmon._validation import check_in, check_positive_float, check_positive_int
 from stabmon.detectors.base import SEVERITIES, Detector, Finding
 from stabmon.detectors.spike import SpikeDetector
 from stabmon.detectors.threshold import NonFiniteDetector, ThresholdDetector, TrendDetector
@@ -42,7 +42,12 @@ class DetectionConfig:
         entropy_fall: factor by which a layer's entropy falls over ``trend_lookback``
             samples that is a warning, once it is below 1 nat. Default 2.
         logz_ceiling: output log-partition ``logits/logz_max`` that is a warning. Default 50.
-        eos_ratio_ceiling: sharpness edge-of-stability ratio that is a warning. Default 1.
+        eos_ratio_ceiling: sharpness edge-of-stability ratio that is reported. Default 1.
+        eos_ratio_severity: the severity of that finding. Default ``"info"``: Adam and SGD
+            train at or above the edge of stability much of the time (Cohen et al. 2021, 2022;
+            the example GPT's healthy run at lr 3e-3 reads 3.2 on its 4-row held batch at
+            step 100), so crossing it is reported, not acted on. ``"warning"`` makes it a rung
+            of the ladder.
         trend_lookback: samples (sampled steps) looked back over by the trend detectors. Default 5.
 
     Example:
@@ -60,6 +65,7 @@ class DetectionConfig:
     entropy_fall: float = 2.0
     logz_ceiling: float = 50.0
     eos_ratio_ceiling: float = 1.0
+    eos_ratio_severity: str = "info"
     trend_lookback: int = 5
 
     def __post_init__(self) -> None:
@@ -68,6 +74,7 @@ class DetectionConfig:
             check_positive_float(name, getattr(self, name))
         for name in ("spike_window", "spike_warmup", "trend_lookback"):
             check_positive_int(name, getattr(self, name))
+        check_in("eos_ratio_severity", self.eos_ratio_severity, SEVERITIES)
         if self.spike_z_critical < self.spike_z_warning:
             raise ValueError(f"`spike_z_critical` ({self.spike_z_critical}) must be >= `spike_z_warning` "
                              f"({self.spike_z_warning})")
@@ -95,7 +102,7 @@ class DetectionConfig:
                               direction="down", active_below=1.0),
                 ThresholdDetector("logits/logz_max", ceiling=self.logz_ceiling,
                                   explain=" (output-logit divergence; z-loss keeps log Z near 0)"),
-                ThresholdDetector("sharpness/eos_ratio", ceiling=self.eos_ratio_ceiling,
+                ThresholdDetector("sharpness/eos_ratio", ceiling=self.eos_ratio_ceiling, severity=self.eos_ratio_severity,
                                   explain=" (past the edge of stability: the step is too large for the curvature)"),
             ],
         )

@@ -20,7 +20,9 @@ import torch.nn.functional as F
 from torch.nn.modules.module import register_module_forward_hook, register_module_forward_pre_hook
 from torch.overrides import TorchFunctionMode
 
-__all__ = ["ForwardCapture", "record_attention", "active_capture"]
+from stabmon.probes.compiled import canonical_name
+
+__all__ = ["ForwardCapture", "SDPAMode", "record_attention", "active_capture"]
 
 AttentionSink = Callable[..., None]  # (q, k, *, attn_mask, is_causal, scale, module) -> None
 LogitSink = Callable[..., None]  # (logits, target, *, ignore_index) -> None
@@ -30,6 +32,9 @@ _SDPA_ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "s
 _CE_ARGS = ("input", "target", "weight", "size_average", "ignore_index", "reduce", "reduction", "label_smoothing")
 
 _active: ForwardCapture | None = None
+# Modes watching one module's attention on every step (QK-clip's armed layers): the innermost
+# one also hears attention reported by hand through ``record_attention``.
+_attention_listeners: list[SDPAMode] = []
 
 
 def active_capture() -> ForwardCapture | None:
@@ -43,25 +48,75 @@ def _bind(names: tuple[str, ...], args: tuple[Any, ...], kwargs: dict[str, Any])
     return bound
 
 
-class _CaptureMode(TorchFunctionMode):
-    def __init__(self, capture: ForwardCapture) -> None:
-        super().__init__()
-        self._capture = capture
+class SDPAMode(TorchFunctionMode):
+    """Sees every ``F.scaled_dot_product_attention`` call, direct or from inside
+    ``F.multi_head_attention_forward`` (``nn.MultiheadAttention``, ``nn.TransformerEncoderLayer``).
+
+    A function mode sees the outermost torch function of a call and runs it with itself
+    switched off, so the SDPA call that ``multi_head_attention_forward`` makes inside would
+    go unseen. For that one composite function the module-level name it calls SDPA by is
+    pointed at a watching wrapper for the duration of the call. Subclasses implement
+    ``on_attention`` (and may handle more functions in ``on_other``).
+    """
+
+    def on_attention(self, q: torch.Tensor, k: torch.Tensor, *, attn_mask: torch.Tensor | None, is_causal: bool,
+                     scale: float | None) -> None:
+        raise NotImplementedError
+
+    def on_other(self, func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        """Any other torch function of the forward (before it runs)."""
+
+    def listen(self) -> None:
+        """Also hear attention reported through ``record_attention`` (until ``unlisten``)."""
+        _attention_listeners.append(self)
+
+    def unlisten(self) -> None:
+        if self in _attention_listeners:
+            _attention_listeners.remove(self)
+
+    def _sdpa(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        a = _bind(_SDPA_ARGS, args, kwargs)
+        self.on_attention(a["query"], a["key"], attn_mask=a.get("attn_mask"),
+                          is_causal=bool(a.get("is_causal", False)), scale=a.get("scale"))
 
     def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
         kwargs = kwargs or {}
         # Torch disables this mode while the handler runs: the probes' own torch calls
         # below do not come back here.
         if func in _SDPA_FUNCS:
-            a = _bind(_SDPA_ARGS, args, kwargs)
-            self._capture.attention(
-                a["query"], a["key"], attn_mask=a.get("attn_mask"), is_causal=bool(a.get("is_causal", False)),
-                scale=a.get("scale"),
-            )
-        elif func is F.cross_entropy:
+            self._sdpa(args, kwargs)
+        elif func is F.multi_head_attention_forward:
+            return self._watch_composite(func, args, kwargs)
+        else:
+            self.on_other(func, args, kwargs)
+        return func(*args, **kwargs)
+
+    def _watch_composite(self, func, args, kwargs):  # noqa: ANN001, ANN202
+        real = F.scaled_dot_product_attention
+
+        def watched(*a: Any, **kw: Any) -> torch.Tensor:
+            self._sdpa(a, kw)
+            return real(*a, **kw)
+
+        F.scaled_dot_product_attention = watched
+        try:
+            return func(*args, **kwargs)
+        finally:
+            F.scaled_dot_product_attention = real
+
+
+class _CaptureMode(SDPAMode):
+    def __init__(self, capture: ForwardCapture) -> None:
+        super().__init__()
+        self._capture = capture
+
+    def on_attention(self, q, k, *, attn_mask, is_causal, scale):  # noqa: ANN001
+        self._capture.attention(q, k, attn_mask=attn_mask, is_causal=is_causal, scale=scale)
+
+    def on_other(self, func, args, kwargs):  # noqa: ANN001
+        if func is F.cross_entropy:
             a = _bind(_CE_ARGS, args, kwargs)
             self._capture.logits(a["input"], a["target"], ignore_index=a.get("ignore_index", -100))
-        return func(*args, **kwargs)
 
 
 class ForwardCapture:
@@ -147,7 +202,7 @@ class ForwardCapture:
         if model is not None:
             if self._named_model is not model:
                 # Modules added to the model later are attributed to their nearest named parent.
-                self._names = {id(m): (name, m) for name, m in model.named_modules()}
+                self._names = {id(m): (canonical_name(name), m) for name, m in model.named_modules()}
                 self._named_model = model
             self._handles.append(register_module_forward_pre_hook(self._push))
             self._handles.append(register_module_forward_hook(self._pop, always_call=True))
@@ -217,7 +272,8 @@ def record_attention(
     """Report an attention computed by hand (not through SDPA) to the monitor.
 
     Call it with the same ``q``, ``k`` and mask arguments that SDPA would take. Outside a
-    sampled forward it returns at once and costs nothing.
+    sampled forward (and outside a layer QK-clip measures every step) it returns at once and
+    costs nothing.
 
     Args:
         q: queries ``(B, H, Lq, D)``.
@@ -236,8 +292,11 @@ def record_attention(
             ...
     """
     capture = _active
-    if capture is None:
+    if capture is None and not _attention_listeners:
         return
     # The probe's own matmuls need not pass through the capture mode.
     with torch._C.DisableTorchFunction():
-        capture.attention(q, k, attn_mask=attn_mask, is_causal=is_causal, scale=scale, module=layer)
+        if _attention_listeners:
+            _attention_listeners[-1].on_attention(q, k, attn_mask=attn_mask, is_causal=is_causal, scale=scale)
+        if capture is not None:
+            capture.attention(q, k, attn_mask=attn_mask, is_causal=is_causal, scale=scale, module=layer)

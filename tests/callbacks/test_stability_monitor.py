@@ -51,7 +51,7 @@ def test_fit_logs_signals_at_sampled_and_log_steps(capsys):
     monitor = StabilityMonitor(sample_every_n_steps=3, log_every_n_steps=4)
     trainer = fit(TinyLM(layers=2), token_loader(), monitor, logger=logger)
     steps = {s for s, m in logger.by_step.items() if stabmon_keys(m)}
-    assert steps == {0, 3, 6, 7}  # sampled: 0, 3, 6; log steps: (s + 1) % 4 == 0
+    assert steps == {0, 1, 2, 3, 6, 7}  # sampled: 0, 3, 6 and the early 1, 2; log steps: (s + 1) % 4 == 0
     sampled = logger.by_step[3]
     for layer in ("layer_00", "layer_01"):
         for name in ("entropy_min", "entropy_mean", "max_logit"):
@@ -86,10 +86,13 @@ def test_loss_mean_over_the_interval_matches_the_training_losses():
     logger = RecordingLogger()
     monitor = StabilityMonitor(sample_every_n_steps=100, log_every_n_steps=4, sharpness_every_n_steps=None)
     fit(Spy(), token_loader(), monitor, logger=logger, max_steps=8)
-    # step 0 is sampled and emits; the next interval is steps 1-3
+    # emissions: the sampled steps 0, 1, 2, 4 (the early powers of two) and the log steps 3, 7;
+    # each reports the steps since the one before
+    assert sorted(logger.by_step) == [0, 1, 2, 3, 4, 7]
     assert math.isclose(logger.by_step[0]["stabmon-loss/mean"], losses[0], rel_tol=1e-6)
-    assert math.isclose(logger.by_step[3]["stabmon-loss/mean"], sum(losses[1:4]) / 3, rel_tol=1e-6)
-    assert math.isclose(logger.by_step[7]["stabmon-loss/mean"], sum(losses[4:8]) / 4, rel_tol=1e-6)
+    assert math.isclose(logger.by_step[3]["stabmon-loss/mean"], losses[3], rel_tol=1e-6)
+    assert math.isclose(logger.by_step[7]["stabmon-loss/mean"], sum(losses[5:8]) / 3, rel_tol=1e-6)
+    assert math.isclose(logger.by_step[7]["stabmon-loss/max"], max(losses[5:8]), rel_tol=1e-6)
     assert math.isclose(logger.by_step[7]["stabmon-loss/last"], losses[7], rel_tol=1e-6)
 
 
@@ -121,7 +124,7 @@ def test_nothing_is_installed_on_steps_that_are_not_sampled():
     monitor = StabilityMonitor(sample_every_n_steps=3, sharpness_every_n_steps=None, verbose=False)
     fit(Spy(), token_loader(), monitor, max_steps=6)
     for step, modes, hooks, active in seen:
-        if step % 3:
+        if step % 3 and step not in (1, 2):  # 1 and 2: the early samples before the first period
             assert (modes, hooks, active) == (0, 0, False), step
         else:
             assert modes == 1 and hooks > 0 and active, step
@@ -166,20 +169,22 @@ class NaNAtStep3(TinyMLP):
 
 def test_nan_loss_observed_only_is_counted_and_training_does_not_crash():
     logger = RecordingLogger()
-    monitor = StabilityMonitor(sample_every_n_steps=100, log_every_n_steps=5, observe_only=True, verbose=False)
+    monitor = StabilityMonitor(sample_every_n_steps=100, log_every_n_steps=4, observe_only=True, verbose=False)
     fit(NaNAtStep3(), regression_loader(), monitor, logger=logger, max_steps=8)
-    # the NaN gradient of step 3 makes the weights NaN, so step 4 is non-finite as well
-    assert logger.by_step[4]["stabmon-loss/nonfinite_steps"] == 2
-    assert logger.by_step[4]["stabmon-gradients/nonfinite_steps"] == 2
-    assert math.isfinite(logger.by_step[4]["stabmon-loss/mean"])  # steps 1-2 only
-    assert logger.by_step[7]["stabmon-loss/nonfinite_steps"] == 3
+    # the NaN gradient of step 3 makes the weights NaN, so every later step is non-finite too;
+    # emissions at 0, 1, 2, 4 (sampled) and 3, 7 (log steps)
+    assert logger.by_step[3]["stabmon-loss/nonfinite_steps"] == 1
+    assert logger.by_step[3]["stabmon-gradients/nonfinite_steps"] == 1
+    assert "stabmon-loss/mean" not in logger.by_step[3]  # no finite step in the interval: left out, not NaN
+    assert math.isfinite(logger.by_step[2]["stabmon-loss/mean"])
+    assert logger.by_step[7]["stabmon-loss/nonfinite_steps"] == 3  # steps 5-7
     assert [f.step for f in monitor.findings if f.severity == "critical"][:2] == [3, 3]
     assert monitor.actions_taken == []
 
 
 def test_nan_loss_step_is_skipped_and_training_goes_on():
     module = NaNAtStep3()
-    monitor = StabilityMonitor(sample_every_n_steps=100, log_every_n_steps=5, verbose=False)
+    monitor = StabilityMonitor(sample_every_n_steps=100, log_every_n_steps=4, verbose=False)
     logger = RecordingLogger()
     fit(module, regression_loader(), monitor, logger=logger, max_steps=8)
     assert [(a.step, a.name) for a in monitor.actions_taken] == [(3, "skip_step")]

@@ -137,3 +137,21 @@ def test_every_rank_takes_the_same_action_under_ddp(tmp_path, namespace):
     assert ranks[0]["findings"] == ranks[1]["findings"]
     assert ranks[0]["weights"] == ranks[1]["weights"]  # replicas stayed identical
     assert ranks[0]["sharpness"] == ranks[1]["sharpness"] and math.isfinite(ranks[0]["sharpness"])
+
+
+@pytest.mark.ddp
+@pytest.mark.slow
+def test_a_compiled_model_under_ddp_compiles_no_extra_graph(tmp_path):
+    env = {**os.environ, "STABMON_STRICT": "1", "PYTHONWARNINGS": "ignore"}
+    env.pop("LOCAL_RANK", None)
+    script = Path(__file__).with_name("ddp_compile.py")
+    for mode in ("plain", "monitor"):
+        proc = subprocess.run([sys.executable, str(script), str(tmp_path), mode], env=env, capture_output=True,
+                              text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    plain = [json.loads((tmp_path / f"plain{r}.json").read_text()) for r in (0, 1)]
+    watched = [json.loads((tmp_path / f"monitor{r}.json").read_text()) for r in (0, 1)]
+    assert [r["graphs"] for r in watched] == [r["graphs"] for r in plain]
+    for r in watched:
+        assert {"attention/max_logit", "logits/logz_mean", "gradients/norm", "sharpness/top_eigenvalue"} <= set(
+            r["metrics"])

@@ -180,3 +180,24 @@ def test_capture_then_stats_match_reference_through_a_real_forward():
     torch.testing.assert_close(probe.layers["layer_00"].max_logit.double(), ref.max_logit.amax(dim=(0, 2)), atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(probe.layers["layer_00"].entropy_mean.double(), ref.entropy.mean(dim=(0, 2)), atol=1e-5, rtol=1e-5)
     assert list(probe.layers) == ["layer_00", "layer_01"]
+
+
+@pytest.mark.parametrize("kind", ["mha", "encoder_layer"])
+def test_sees_attention_inside_multihead_attention(kind):
+    torch.manual_seed(0)
+    if kind == "mha":
+        model = nn.MultiheadAttention(16, 4, batch_first=True)
+        run = lambda x: model(x, x, x, need_weights=False)  # noqa: E731
+    else:
+        model = nn.TransformerEncoder(nn.TransformerEncoderLayer(16, 4, dim_feedforward=32, batch_first=True), 2,
+                                      enable_nested_tensor=False)
+        run = model
+    rec = Recorder()
+    cap = ForwardCapture(on_attention=rec.on_attention)
+    with cap.watch(model):
+        run(torch.randn(2, 5, 16))
+    assert len(rec.attention) == (1 if kind == "mha" else 2)
+    q, k, kw = rec.attention[0]
+    assert q.shape == (2, 4, 5, 4) and k.shape == (2, 4, 5, 4) and q.grad_fn is not None
+    assert kw["module"] == ("" if kind == "mha" else "layers.0.self_attn")
+    assert F.scaled_dot_product_attention is torch._C._nn.scaled_dot_product_attention  # put back
