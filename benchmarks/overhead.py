@@ -1,18 +1,31 @@
-"""Step-time overhead of the monitor on the example GPT, as a ratio measured in one run.
+"""Step-time overhead of the monitor, as a ratio measured in one run, with the time of each hook.
 
-    python benchmarks/overhead.py                  # about 4 CPU minutes
+    python benchmarks/overhead.py                           # about 12 CPU minutes
     python benchmarks/overhead.py --rounds=5 --steps=500
+    python benchmarks/overhead.py --only=small-default-log50,small-compiled
 
 Method: one ``Trainer.fit`` per configuration and round, in which the monitor is switched
 on and off in alternating blocks of ``--segment`` steps (50, the default sampling period,
 so an "on" block holds exactly the share of sampled steps that a monitored run has).
 Slow drifts of a noisy machine hit both halves alike. The overhead of a run is
 ``mean step time (on) / mean step time (off)``; the table gives the median over rounds and
-the range. Configurations: ``default`` (``StabilityMonitor()``) and ``all`` (attention and
-logit probes and emission every step, sharpness every 10 steps). Peak memory: each
-configuration trains ``--memory_steps`` steps in a fresh process whose peak resident set
-size is compared with the monitor-off process (on CUDA the runs above also record the
-peak allocated GPU memory). Writes ``benchmarks/out/overhead.json``.
+the range. Every Lightning hook of the monitor is timed with ``time.perf_counter`` on the
+"on" steps (a GPU is synchronized around each hook, so on CUDA the figure includes the
+device work the hook enqueues); "hooks % of step" is their sum over the mean "off" step.
+
+Models: ``example`` (the example GPT, context 128) and ``small`` (the same GPT at context
+32: a short step, where a fixed per-step cost shows most). Cadences: the Trainer's default
+``log_every_n_steps=50`` and logging every step (a no-op logger receives the keys, so the
+monitor's emission is timed and the logger's own I/O is not). ``all``: attention and logit
+probes and emission every step, sharpness every 10 steps. ``compiled``: the small model under
+``torch.compile`` (inductor); its row also gives the graphs Dynamo compiled with the monitor
+against a run without it (``torch._dynamo.utils.counters["stats"]["unique_graphs"]``).
+
+On CUDA, ``syncs / unsampled step`` counts the host-device synchronizations the monitor's
+hooks make on an unsampled step (``torch.cuda.set_sync_debug_mode("warn")``). Peak memory:
+each configuration of the example trains ``--memory_steps`` steps in a fresh process whose
+peak resident set size is compared with the monitor-off process. Writes
+``benchmarks/out/overhead.json``.
 """
 
 from __future__ import annotations
@@ -21,82 +34,167 @@ import multiprocessing as mp
 import resource
 import statistics
 import sys
+import time
+import warnings
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any
 
 import pytorch_lightning as pl
 import torch
+from pytorch_lightning.loggers import Logger
 
 from _common import StepTimer, load_example, machine, markdown_table, write_json
 from stabmon import StabilityMonitor
 
-CONFIGS = {
-    "default": {},
-    "all": {"sample_every_n_steps": 1, "log_every_n_steps": 1, "sharpness_every_n_steps": 10},
+HOOKS = ("on_train_batch_start", "on_before_backward", "on_before_optimizer_step", "on_train_batch_end")
+CUDA = torch.cuda.is_available()
+
+
+@dataclass(frozen=True)
+class Setup:
+    model: str  # "example" (context 128) or "small" (context 32)
+    log_every: int  # the Trainer's log_every_n_steps
+    monitor: dict[str, Any] = field(default_factory=dict)
+    compiled: bool = False
+
+
+SETUPS = {
+    "example-default-log50": Setup("example", 50),
+    "example-default-log1": Setup("example", 1),
+    "example-all-log1": Setup("example", 1, {"sample_every_n_steps": 1, "sharpness_every_n_steps": 10}),
+    "small-default-log50": Setup("small", 50),
+    "small-default-log1": Setup("small", 1),
+    "small-compiled": Setup("small", 50, compiled=True),
 }
+BLOCK = {"example": 128, "small": 32}
 
 
-class SegmentedMonitor(StabilityMonitor):
-    """StabilityMonitor that sits out every other block of ``segment`` steps."""
+class NullLogger(Logger):
+    """Takes the metrics and drops them: the monitor's emission is timed, not a logger's I/O."""
 
-    def __init__(self, segment: int, **kwargs) -> None:
+    @property
+    def name(self) -> str:
+        return "null"
+
+    @property
+    def version(self) -> int:
+        return 0
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        pass
+
+    def log_hyperparams(self, params: Any, *args: Any, **kwargs: Any) -> None:
+        pass
+
+
+class TimedSegmentedMonitor(StabilityMonitor):
+    """StabilityMonitor that sits out every other block of ``segment`` steps and times its hooks."""
+
+    def __init__(self, segment: int, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.segment = segment
+        self.hook_seconds: dict[int, dict[str, float]] = defaultdict(lambda: defaultdict(float))  # step -> hook -> s
+        self.syncs: dict[int, int] = {}  # unsampled step -> host-device synchronizations in the hooks (CUDA)
+        self._on = False
+        self._step = 0
 
     def is_on(self, step: int) -> bool:
         return (step // self.segment) % 2 == 0
 
+    def _timed(self, hook: str, *args: Any) -> None:
+        if not self._on:
+            return
+        count_syncs = CUDA and self.core is not None and not self.core.sampled and hook != "on_train_batch_start"
+        if CUDA:
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        if count_syncs:
+            torch.cuda.set_sync_debug_mode("warn")
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                getattr(super(), hook)(*args)
+            torch.cuda.set_sync_debug_mode("default")
+            self.syncs[self._step] = self.syncs.get(self._step, 0) + sum("synchroniz" in str(w.message) for w in caught)
+        else:
+            getattr(super(), hook)(*args)
+        if CUDA:
+            torch.cuda.synchronize()
+        self.hook_seconds[self._step][hook] += time.perf_counter() - start
+
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):  # noqa: ANN001
-        self._on = self.is_on(trainer.global_step)
-        if self._on:
-            super().on_train_batch_start(trainer, pl_module, batch, batch_idx)
+        self._step = trainer.global_step
+        self._on = self.is_on(self._step)
+        self._timed("on_train_batch_start", trainer, pl_module, batch, batch_idx)
 
     def on_before_backward(self, trainer, pl_module, loss):  # noqa: ANN001
-        if self._on:
-            super().on_before_backward(trainer, pl_module, loss)
+        self._timed("on_before_backward", trainer, pl_module, loss)
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer):  # noqa: ANN001
-        if self._on:
-            super().on_before_optimizer_step(trainer, pl_module, optimizer)
+        self._timed("on_before_optimizer_step", trainer, pl_module, optimizer)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):  # noqa: ANN001
-        if self._on:
-            super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        self._timed("on_train_batch_end", trainer, pl_module, outputs, batch, batch_idx)
 
 
-def run_once(example, cfg, monitor_kwargs, steps: int, segment: int, warmup: int) -> dict[str, float]:
+def _graphs() -> int:
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
+
+
+def _fit(example, setup: Setup, steps: int, callbacks: list[pl.Callback]) -> pl.LightningModule:  # noqa: ANN001
+    cfg = example.Config(max_steps=steps, block_size=BLOCK[setup.model])
     pl.seed_everything(cfg.seed, verbose=False)
     train_loader, _ = example.make_data(cfg)
     module = example.GPTModule(cfg)
-    monitor = SegmentedMonitor(segment, verbose=False, **monitor_kwargs)
-    timer = StepTimer()
+    if setup.compiled:
+        module.model = torch.compile(module.model)
     trainer = pl.Trainer(
-        max_steps=steps, accelerator="auto", devices=1, callbacks=[monitor, timer], logger=False,
-        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
-        gradient_clip_val=cfg.grad_clip,
+        max_steps=steps, accelerator="auto", devices=1, callbacks=callbacks, logger=NullLogger(),
+        log_every_n_steps=setup.log_every, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, limit_val_batches=0, gradient_clip_val=cfg.grad_clip,
     )
-    if torch.cuda.is_available():
-        torch.cuda.reset_peak_memory_stats()
     trainer.fit(module, train_loader)
-    peak = torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else float("nan")
-    on, off = [], []
+    return module
+
+
+def run_once(example, setup: Setup, steps: int, segment: int, warmup: int) -> dict[str, Any]:  # noqa: ANN001
+    if setup.compiled:
+        torch._dynamo.reset()
+    graphs_before = _graphs() if setup.compiled else 0
+    monitor = TimedSegmentedMonitor(segment, verbose=False, **setup.monitor)
+    timer = StepTimer()
+    _fit(example, setup, steps, [monitor, timer])
+    on, off, on_steps = [], [], []
     for i, t in enumerate(timer.times, start=1):  # times[i - 1] is the step with global_step i
         if i % segment < warmup:
             continue  # the first steps of a block pay for the switch (caches, allocator)
         (on if monitor.is_on(i) else off).append(t)
-    return {"on": statistics.fmean(on), "off": statistics.fmean(off), "ratio": statistics.fmean(on) / statistics.fmean(off),
-            "peak_mib": peak}
+        if monitor.is_on(i):
+            on_steps.append(i)
+    # the hooks of the same steps as the step times (so step 0, with its sharpness estimate, is out)
+    hook_ms = {h: 1000 * statistics.fmean(monitor.hook_seconds[i][h] for i in on_steps) for h in HOOKS}
+    result = {"on": statistics.fmean(on), "off": statistics.fmean(off), "ratio": statistics.fmean(on) / statistics.fmean(off),
+              "hook_ms": hook_ms}
+    if CUDA:
+        unsampled = [monitor.syncs[i] for i in on_steps if i in monitor.syncs]
+        result["syncs_per_unsampled_step"] = statistics.fmean(unsampled) if unsampled else float("nan")
+    if setup.compiled:
+        result["graphs_with_monitor"] = _graphs() - graphs_before
+        torch._dynamo.reset()
+        before = _graphs()
+        _fit(example, setup, min(steps, 60), [])
+        result["graphs_without_monitor"] = _graphs() - before
+    return result
 
 
 def _peak_rss_child(name: str, steps: int, queue) -> None:  # noqa: ANN001
-    """In a fresh process: train ``steps`` steps with configuration ``name`` and report peak RSS."""
+    """In a fresh process: train ``steps`` steps of the example with configuration ``name`` and report peak RSS."""
     example = load_example()
-    cfg = example.Config(max_steps=steps)
-    pl.seed_everything(cfg.seed, verbose=False)
-    train_loader, _ = example.make_data(cfg)
-    callbacks = [] if name == "off" else [StabilityMonitor(verbose=False, **CONFIGS[name])]
-    trainer = pl.Trainer(max_steps=steps, accelerator="cpu", devices=1, callbacks=callbacks, logger=False,
-                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                         limit_val_batches=0)
-    trainer.fit(example.GPTModule(cfg), train_loader)
+    setup = SETUPS.get(name, Setup("example", 50))
+    callbacks = [] if name == "off" else [StabilityMonitor(verbose=False, **setup.monitor)]
+    _fit(example, setup, steps, callbacks)
     queue.put(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)  # KiB -> MiB on Linux
 
 
@@ -114,32 +212,59 @@ def main(argv: list[str]) -> None:
     opts = dict(a[2:].split("=", 1) for a in argv if a.startswith("--") and "=" in a)
     rounds, steps = int(opts.get("rounds", 3)), int(opts.get("steps", 300))
     segment, warmup = int(opts.get("segment", 50)), int(opts.get("warmup", 2))
+    names = opts["only"].split(",") if "only" in opts else list(SETUPS)
+    unknown = sorted(set(names) - set(SETUPS))
+    if unknown:
+        raise SystemExit(f"--only: unknown configurations {unknown}; allowed: {', '.join(SETUPS)}")
     example = load_example()
-    cfg = example.Config(max_steps=steps)
-    results: dict[str, list[dict[str, float]]] = {name: [] for name in CONFIGS}
-    names = list(CONFIGS)
+    results: dict[str, list[dict[str, Any]]] = {name: [] for name in names}
     for r in range(rounds):
         for name in names if r % 2 == 0 else names[::-1]:
-            res = run_once(example, cfg, CONFIGS[name], steps, segment, warmup)
+            res = run_once(example, SETUPS[name], steps, segment, warmup)
             results[name].append(res)
-            print(f"round {r + 1}/{rounds} {name:8s} on {1000 * res['on']:7.2f} ms/step, off {1000 * res['off']:7.2f}"
-                  f" ms/step, ratio {res['ratio']:.4f}", flush=True)
-    # Peak memory: a fresh process per configuration (peak RSS on CPU; on CUDA see peak_mib above).
+            hooks = sum(res["hook_ms"].values())
+            print(f"round {r + 1}/{rounds} {name:22s} on {1000 * res['on']:7.2f} ms/step, off {1000 * res['off']:7.2f}"
+                  f" ms/step, ratio {res['ratio']:.4f}, hooks {hooks:.2f} ms/step", flush=True)
     memory_steps = int(opts.get("memory_steps", 40))
-    rss = {name: peak_rss(name, memory_steps) for name in ["off", *names]}
-    print("peak RSS MiB:", {k: round(v) for k, v in rss.items()}, flush=True)
-    rows = []
+    rss_names = [n for n in names if SETUPS[n].model == "example"]
+    rss = {name: peak_rss(name, memory_steps) for name in ["off", *rss_names]} if rss_names else {}
+    if rss:
+        print("peak RSS MiB:", {k: round(v) for k, v in rss.items()}, flush=True)
+
+    rows, hook_rows = [], []
     for name in names:
-        ratios = [res["ratio"] for res in results[name]]
+        runs = results[name]
+        ratios = [res["ratio"] for res in runs]
+        off_ms = statistics.median(1000 * res["off"] for res in runs)
+        hook_ms = {h: statistics.median(res["hook_ms"][h] for res in runs) for h in HOOKS}
+        total = sum(hook_ms.values())
+        extra = []
+        if CUDA:
+            extra.append(f"{statistics.median(res['syncs_per_unsampled_step'] for res in runs):.2f}")
+        if SETUPS[name].compiled:
+            extra.append(f"{runs[0]['graphs_with_monitor']} vs {runs[0]['graphs_without_monitor']}")
         rows.append([name, f"{statistics.median(ratios):.3f}", f"{min(ratios):.3f} .. {max(ratios):.3f}",
-                     f"{1000 * statistics.median(res['off'] for res in results[name]):.1f}",
-                     f"{rss[name] / rss['off']:.3f} ({rss[name] - rss['off']:+.0f} MiB)"])
-    table = markdown_table(["config", "step time on / off (median)", "range over rounds", "ms/step off",
-                            "peak memory on / off"], rows)
+                     f"{off_ms:.1f}", f"{total:.2f}", f"{100 * total / off_ms:.2f}%",
+                     f"{rss[name] / rss['off']:.3f}" if name in rss else "-", *(extra or [])])
+        hook_rows.append([name, *(f"{hook_ms[h]:.3f}" for h in HOOKS), f"{total:.3f}"])
+    headers = ["config", "step time on / off (median)", "range over rounds", "ms/step off", "hooks ms/step",
+               "hooks % of step", "peak RSS on / off"]
+    if CUDA:
+        headers.append("syncs / unsampled step")
+    if any(SETUPS[n].compiled for n in names):
+        headers.append("graphs: monitor vs none")
+        for row in rows:
+            if len(row) < len(headers):
+                row.append("-")
+    table = markdown_table(headers, rows)
+    hook_table = markdown_table(["config (ms per monitored step, median over rounds)", *HOOKS, "sum"], hook_rows)
     print(table)
+    print()
+    print(hook_table)
     info = machine()
     path = write_json("overhead", {"machine": info, "steps": steps, "segment": segment, "rounds": rounds,
-                                   "results": results, "peak_rss_mib": rss, "table": table})
+                                   "results": results, "peak_rss_mib": rss, "table": table,
+                                   "hook_table": hook_table})
     print(f"\n{info['device']}, {info['date']}; JSON in {path}")
 
 

@@ -84,6 +84,7 @@ def main(steps: int = 400, fsdp: bool = False) -> MonitorCore:
         print()
         print(core.summary.format())
     if fsdp:
+        torch.distributed.barrier()  # no rank tears its connections down while another still talks
         torch.distributed.destroy_process_group()
     return core
 

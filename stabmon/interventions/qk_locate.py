@@ -315,7 +315,7 @@ def locate_qk(
     """
     generator = generator or torch.Generator(device=q.device).manual_seed(0)
     if generator.device != q.device:
-        generator = torch.Generator(device=q.device).manual_seed(int(torch.randint(2**31, (1,), generator=generator)))
+        generator = torch.Generator(device=q.device).manual_seed(int(torch.randint(2**31, size=[1], generator=generator)))
     if q.grad_fn is None or k.grad_fn is None:
         raise NotClippable("q or k does not depend on a trainable weight (no autograd graph)")
     location = QKLocation(module, q.shape[1], 0, [])

@@ -72,3 +72,39 @@ def test_qk_clip_on_sharded_weights_and_rollback_through_distributed_checkpoint(
     assert (tmp_path / "snapshots" / "stabmon-snapshot-dcp").is_dir()
     for r in (rank0, rank1):
         assert r["hash_after"]["12"] == r["hash_after"]["10"]
+
+
+MODEL_PARALLEL = Path(__file__).with_name("model_parallel_run.py")
+
+
+def run_lightning(tmp_path, mode, *flags):
+    env = {**os.environ, "STABMON_STRICT": "1", "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.run([sys.executable, str(MODEL_PARALLEL), str(tmp_path), mode, *flags], env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    names = ["mp_single0"] if mode == "single" else ["mp_fsdp0", "mp_fsdp1"]
+    return [json.loads((tmp_path / f"{n}.json").read_text()) for n in names]
+
+
+def test_lightning_model_parallel_strategy_logs_the_norms_of_the_unsharded_model(tmp_path):
+    rank0, rank1 = run_lightning(tmp_path, "fsdp")
+    (single,) = run_lightning(tmp_path, "single")
+    assert rank0["metrics"].keys() == single["metrics"].keys()
+    compared = 0
+    for step, reference in single["metrics"].items():
+        for key, value in reference.items():
+            if key.startswith(("gradients/", "params/", "update/", "loss/")):
+                assert rank0["metrics"][step][key] == pytest.approx(value, rel=1e-5, abs=1e-7), (step, key)
+                compared += 1
+        assert rank0["metrics"][step] == rank1["metrics"][step]
+    assert compared > 200
+    # Finite-difference HVPs in float32 on a tiny model: the estimates agree to a few percent.
+    for step in ("0", "10", "20"):
+        assert rank0["metrics"][step]["sharpness/top_eigenvalue"] == pytest.approx(
+            single["metrics"][step]["sharpness/top_eigenvalue"], rel=0.1)
+
+
+def test_lightning_model_parallel_strategy_takes_the_same_action_on_every_rank(tmp_path):
+    rank0, rank1 = run_lightning(tmp_path, "fsdp", "--spike")
+    assert [(a["step"], a["name"]) for a in rank0["actions"]] == [(15, "skip_step")]
+    assert rank0["actions"] == rank1["actions"] and rank0["findings"] == rank1["findings"]
