@@ -189,6 +189,38 @@ def run_once(example, setup: Setup, steps: int, segment: int, warmup: int) -> di
     return result
 
 
+def gradient_read_floor(example, setup: Setup, repeats: int = 200) -> dict[str, float]:  # noqa: ANN001
+    """What reading every gradient once costs, in ms: the floor under any per-step gradient norm.
+
+    ``foreach_norm``: the monitor's fused per-parameter norms (``torch._foreach_norm``, then the
+    norm of the norms); ``flat_norm``: one ``vector_norm`` over a single contiguous buffer of
+    the same size (no per-tensor overhead at all). Best of ``repeats``, with a forward and
+    backward in between so the gradients are as cold in cache as in training.
+    """
+    cfg = example.Config(max_steps=1, block_size=BLOCK[setup.model])
+    pl.seed_everything(cfg.seed, verbose=False)
+    train_loader, _ = example.make_data(cfg)
+    module = example.GPTModule(cfg)
+    x, y = next(iter(train_loader))
+    params = [p for p in module.parameters() if p.requires_grad]
+    flat = torch.zeros(sum(p.numel() for p in params))
+    best = {"foreach_norm": float("inf"), "flat_norm": float("inf"), "step": float("inf")}
+    for _ in range(repeats // 10):
+        for _ in range(10):
+            start = time.perf_counter()
+            module.zero_grad(set_to_none=False)
+            module.loss(x, y).backward()
+            best["step"] = min(best["step"], time.perf_counter() - start)
+            grads = [p.grad for p in params]
+            start = time.perf_counter()
+            torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+            best["foreach_norm"] = min(best["foreach_norm"], time.perf_counter() - start)
+            start = time.perf_counter()
+            torch.linalg.vector_norm(flat)
+            best["flat_norm"] = min(best["flat_norm"], time.perf_counter() - start)
+    return {k: 1000 * v for k, v in best.items()}
+
+
 def _peak_rss_child(name: str, steps: int, queue) -> None:  # noqa: ANN001
     """In a fresh process: train ``steps`` steps of the example with configuration ``name`` and report peak RSS."""
     example = load_example()
@@ -225,6 +257,13 @@ def main(argv: list[str]) -> None:
             hooks = sum(res["hook_ms"].values())
             print(f"round {r + 1}/{rounds} {name:22s} on {1000 * res['on']:7.2f} ms/step, off {1000 * res['off']:7.2f}"
                   f" ms/step, ratio {res['ratio']:.4f}, hooks {hooks:.2f} ms/step", flush=True)
+    floors = {}
+    if not CUDA:
+        for model in sorted({SETUPS[n].model for n in names}):
+            floors[model] = gradient_read_floor(example, Setup(model, 50))
+            f = floors[model]
+            print(f"{model}: reading every gradient once: foreach_norm {f['foreach_norm']:.3f} ms, one flat buffer "
+                  f"{f['flat_norm']:.3f} ms (forward + backward alone: {f['step']:.1f} ms)", flush=True)
     memory_steps = int(opts.get("memory_steps", 40))
     rss_names = [n for n in names if SETUPS[n].model == "example"]
     rss = {name: peak_rss(name, memory_steps) for name in ["off", *rss_names]} if rss_names else {}
@@ -264,6 +303,7 @@ def main(argv: list[str]) -> None:
     info = machine()
     path = write_json("overhead", {"machine": info, "steps": steps, "segment": segment, "rounds": rounds,
                                    "results": results, "peak_rss_mib": rss, "table": table,
+                                   "gradient_read_floor_ms": floors,
                                    "hook_table": hook_table})
     print(f"\n{info['device']}, {info['date']}; JSON in {path}")
 

@@ -1,0 +1,68 @@
+"""MonitorCore's per-step path: what it reads back to the host on an ordinary (unsampled) step."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
+
+from stabmon import MonitorCore
+from tests.helpers import TinyTransformer
+
+# Tensor -> Python conversions: each is a host-device synchronization on a GPU.
+HOST_READS = {torch.Tensor.item, torch.Tensor.tolist, torch.Tensor.__float__, torch.Tensor.__int__,
+              torch.Tensor.__bool__, torch.Tensor.numpy}
+
+
+class CountHostReads(TorchFunctionMode):
+    """Counts Tensor -> Python conversions, and the tensors each reads."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.reads: list[tuple[str, int]] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func in HOST_READS:
+            self.reads.append((func.__name__, args[0].numel()))
+        return func(*args, **(kwargs or {}))
+
+
+def run_steps(core: MonitorCore, model, steps: int, watch: set[int]) -> dict[int, list[tuple[str, int]]]:
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    gen = torch.Generator().manual_seed(0)
+    reads = {}
+    for step in range(steps):
+        tokens = torch.randint(32, (4, 9), generator=gen)
+        counter = CountHostReads()
+        core.start_step(step)
+        logits = model(tokens[:, :-1])
+        loss = F.cross_entropy(logits.reshape(-1, 32), tokens[:, 1:].reshape(-1))
+        with counter if step in watch else torch.no_grad():  # only the monitor's calls are counted
+            core.end_forward()
+            core.observe_loss(loss)
+        loss.backward()
+        with counter if step in watch else torch.enable_grad():
+            core.before_optimizer_step(optimizer=opt)
+        opt.step()
+        with counter if step in watch else torch.no_grad():
+            core.after_optimizer_step()
+            core.end_step()
+        opt.zero_grad()
+        if step in watch:
+            reads[step] = counter.reads
+    return reads
+
+
+@pytest.mark.parametrize("detection", [True, False])
+def test_an_unsampled_step_reads_at_most_the_loss_and_the_gradient_norm(detection):
+    torch.manual_seed(0)
+    model = TinyTransformer()
+    kwargs = {} if detection else {"detection": None, "intervention": None}
+    core = MonitorCore(model, sample_every_n_steps=16, log_every_n_steps=16, strict=True, **kwargs)
+    assert not core.is_sampled(11) and not core.is_sampled(13) and (13 + 1) % 16
+    reads = run_steps(core, model, 14, watch={11, 13})
+    for step in (11, 13):
+        if detection:
+            # the two numbers the spike detectors need, from one stacked tensor where a device is involved
+            assert len(reads[step]) <= 2 and all(n == 1 for _, n in reads[step]), reads[step]
+        else:
+            assert reads[step] == [], reads[step]
