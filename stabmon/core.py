@@ -517,7 +517,7 @@ class MonitorCore:
             SharpnessProbe.signals(self._sharpness_values, signals, _device_of(self.model))
             self._sharpness_values = {}
         if self.gradients is not None:
-            self.gradients.signals(signals, prefix="gradients", per_layer=self.per_layer)
+            self.gradients.signals(signals, prefix="gradients", per_layer=self.per_layer, parameters=self.sampled)
             self.grad_norm.signals(signals)
         if self.qk_clip is not None:
             self.qk_clip.signals(signals)

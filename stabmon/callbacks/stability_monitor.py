@@ -101,7 +101,7 @@ class StabilityMonitor(*CALLBACK_BASES):
     - ``gradients/norm`` (at the emission step), ``gradients/norm_max``, ``gradients/norm_min``,
       ``gradients/norm_mean`` (over the steps since the last emission),
       ``gradients/nonfinite_steps``, ``gradients/norm/<layer>``.
-    - ``params/norm[/<layer>]``; ``update/ratio[/<layer>]``: ``||delta theta|| / ||theta||``
+    - ``params/norm[/<layer>]`` (sampled steps); ``update/ratio[/<layer>]``: ``||delta theta|| / ||theta||``
       of the optimizer step (sampled steps).
     - ``loss/mean``, ``loss/last``, ``loss/max``, ``loss/nonfinite_steps`` over the interval.
     - ``sharpness/top_eigenvalue``, ``sharpness/x_lr``, ``sharpness/preconditioned`` (Adam),

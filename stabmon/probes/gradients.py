@@ -169,21 +169,26 @@ class GradientProbe:
         torch._foreach_sub_(deltas, self._local([p.detach() for p in self.params]))  # in place: before - after
         self._update_sq = self._per_layer(self._weighted_squares(tensor_norms(deltas, self._device)))
 
-    def signals(self, out: SignalSet, prefix: str = "gradients", per_layer: bool = True) -> None:
-        """Norms of the last observed step's gradients, of the parameters, and the update ratio."""
+    def signals(self, out: SignalSet, prefix: str = "gradients", per_layer: bool = True,
+                parameters: bool = True) -> None:
+        """Norms of the last observed step's gradients and, with ``parameters``, of the
+        parameters and the update ratio (the monitor asks for those on sampled steps only:
+        weights move slowly, and reading them all costs as much as reading the gradients)."""
         if self._last_norms is None:
             return
         grad_layers = self._per_layer(self._weighted_squares(self._last_norms))
+        out.add_norm(f"{prefix}/norm", grad_layers.sum())
+        keys = [_key(layer) for layer in self.layers] if per_layer else []
+        if per_layer:
+            out.add_norm([f"{prefix}/norm/{k}" for k in keys], grad_layers)
+        if not parameters:
+            return
         weights = self._per_layer(self._weighted_squares(
             tensor_norms(self._local([p.detach() for p in self.params]), self._device)))
-        out.add_norm(f"{prefix}/norm", grad_layers.sum())
         out.add_norm("params/norm", weights.sum())
         if self._update_sq is not None:
             out.add_ratio("update/ratio", self._update_sq.sum(), weights.sum())
-        if not per_layer:
-            return
-        keys = [_key(layer) for layer in self.layers]
-        out.add_norm([f"{prefix}/norm/{k}" for k in keys], grad_layers)
-        out.add_norm([f"params/norm/{k}" for k in keys], weights)
-        if self._update_sq is not None:
-            out.add_ratio([f"update/ratio/{k}" for k in keys], self._update_sq, weights)
+        if per_layer:
+            out.add_norm([f"params/norm/{k}" for k in keys], weights)
+            if self._update_sq is not None:
+                out.add_ratio([f"update/ratio/{k}" for k in keys], self._update_sq, weights)
