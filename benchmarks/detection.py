@@ -17,6 +17,7 @@ Writes ``benchmarks/out/detection.json`` and prints a Markdown table.
 
 from __future__ import annotations
 
+import hashlib
 import sys
 import time
 
@@ -77,15 +78,21 @@ def run(example, lr: float, steps: int, observe_only: bool, qk_layernorm: bool =
     with torch.no_grad():
         val = [module.loss(x, y).item() for x, y in val_loader]
     digest = torch.cat([p.detach().flatten() for p in module.parameters()])
+    sha = hashlib.sha256(digest.numpy().tobytes()).hexdigest() if digest.device.type == "cpu" else None
     summary = monitor.core.summary
     return {
-        "params_sum": float(digest.double().sum()), "params_abs_sum": float(digest.double().abs().sum()),
+        "params_sha256": sha, "params_sum": float(digest.double().sum()), "params_abs_sum": float(digest.double().abs().sum()),
         "qk_clips": sum(v for k, v in summary.totals.items() if k == "actions/qk_clip_count"),
         "lr": lr, "observe_only": observe_only, "losses": losses.losses, "val_loss": sum(val) / len(val),
         "findings": [f.to_dict() for f in monitor.findings], "actions": [a.to_dict() for a in monitor.actions_taken],
         "seconds": time.perf_counter() - start,
         "max_attention_logit": monitor.core.summary.extremes.get("attention/max_logit"),
     }
+
+
+def alarms(res: dict) -> int:
+    """Findings that ask for action (warning or critical); ``info`` findings are reports."""
+    return sum(f["severity"] in ("warning", "critical") for f in res["findings"])
 
 
 def main(argv: list[str]) -> None:
@@ -96,9 +103,15 @@ def main(argv: list[str]) -> None:
     margin = float(opts.get("margin", 0.25))
     example = load_example()
     results = {}
+    identical = {}
     for lr in healthy:
         results[f"healthy {lr:g}"] = run(example, lr, steps, observe_only=True)
-        print(f"healthy lr {lr:g}: {len(results[f'healthy {lr:g}']['findings'])} findings", flush=True)
+        print(f"healthy lr {lr:g}: {alarms(results[f'healthy {lr:g}'])} warnings or critical findings", flush=True)
+        # the same run with the monitor free to act: nothing may fire, and then nothing may change
+        acting = results[f"healthy {lr:g}, acting"] = run(example, lr, steps, observe_only=False)
+        identical[lr] = acting["params_sha256"] == results[f"healthy {lr:g}"]["params_sha256"]
+        print(f"healthy lr {lr:g}, acting: {len(acting['actions'])} actions, parameters bit-identical to observing: "
+              f"{identical[lr]}", flush=True)
     reference = ema(results[f"healthy {healthy[-1]:g}"]["losses"])
     watched = results["unstable observed"] = run(example, unstable, steps, observe_only=True)
     acted = results["unstable acted"] = run(example, unstable, steps, observe_only=False)
@@ -109,21 +122,23 @@ def main(argv: list[str]) -> None:
     lead = failed_at - first_warning if failed_at is not None and first_warning is not None else None
     rows = []
     for name, res in results.items():
-        rows.append([name, f"{res['lr']:g}", len(res["findings"]), len(res["actions"]),
+        rows.append([name, f"{res['lr']:g}", alarms(res), len(res["findings"]) - alarms(res), len(res["actions"]),
                      f"{res['losses'][-1]:.3f}", f"{res['val_loss']:.3f}",
                      f"{res['max_attention_logit']:.3g}" if res["max_attention_logit"] is not None else "-"])
-    table = markdown_table(["run", "lr", "findings", "actions", "final train loss", "val loss", "max attention logit"],
+    table = markdown_table(["run", "lr", "warnings + critical", "info findings", "actions", "final train loss", "val loss", "max attention logit"],
                            rows)
     summary = (f"unstable lr {unstable:g}: first warning at step {first_warning} "
                f"({warnings[0]['message'] if warnings else '-'}); the run fails (EMA loss {margin} nats above the "
                f"healthy run) at step {failed_at}; lead time {lead} steps. False alarms on healthy runs: "
-               f"{sum(len(results[f'healthy {lr:g}']['findings']) for lr in healthy)}. Validation loss, acting vs "
+               f"{sum(alarms(results[f'healthy {lr:g}']) for lr in healthy)}; actions on them when acting: "
+               f"{sum(len(results[f'healthy {lr:g}, acting']['actions']) for lr in healthy)}, parameters "
+               f"bit-identical to observing: {all(identical.values())}. Validation loss, acting vs "
                f"observing: {acted['val_loss']:.3f} vs {watched['val_loss']:.3f}.")
     print(table)
     print(summary)
     info = machine()
     path = write_json("detection", {"machine": info, "steps": steps, "margin": margin, "first_warning": first_warning,
-                                    "failed_at": failed_at, "lead_steps": lead, "runs": results, "table": table,
+                                    "failed_at": failed_at, "lead_steps": lead, "healthy_identical": identical, "runs": results, "table": table,
                                     "summary": summary})
     print(f"\n{info['device']}, {info['date']}; JSON in {path}")
 

@@ -1,15 +1,17 @@
 """Step-time overhead of the monitor, as a ratio measured in one run, with the time of each hook.
 
     python benchmarks/overhead.py                           # about 12 CPU minutes
-    python benchmarks/overhead.py --rounds=5 --steps=500
+    python benchmarks/overhead.py --rounds=5 --steps=550
     python benchmarks/overhead.py --only=small-default-log50,small-compiled
 
 Method: one ``Trainer.fit`` per configuration and round, in which the monitor is switched
 on and off in alternating blocks of ``--segment`` steps (50, the default sampling period,
-so an "on" block holds exactly the share of sampled steps that a monitored run has).
+shifted by half a block so that an "on" block holds one sampled step in its middle: exactly
+the share of sampled steps that a monitored run has).
 Slow drifts of a noisy machine hit both halves alike. The overhead of a run is
 ``mean step time (on) / mean step time (off)``; the table gives the median over rounds and
-the range. Every Lightning hook of the monitor is timed with ``time.perf_counter`` on the
+the range, and the same ratio for the unsampled "on" steps alone (what an ordinary step
+costs). Every Lightning hook of the monitor is timed with ``time.perf_counter`` on the
 "on" steps (a GPU is synchronized around each hook, so on CUDA the figure includes the
 device work the hook enqueues); "hooks % of step" is their sum over the mean "off" step.
 
@@ -100,7 +102,14 @@ class TimedSegmentedMonitor(StabilityMonitor):
         self._step = 0
 
     def is_on(self, step: int) -> bool:
-        return (step // self.segment) % 2 == 0
+        # Blocks are shifted by half a segment, so that each "on" block holds one sampled step
+        # (a multiple of the sampling period) in its middle, not at its start.
+        return ((step + self.segment // 2) // self.segment) % 2 == 0
+
+    def counted(self, step: int, warmup: int) -> bool:
+        """Steps that enter the comparison: not the first partial block (the run's own warm-up,
+        with the early samples at powers of two), not the first ``warmup`` steps after a switch."""
+        return step >= self.segment - self.segment // 2 and (step + self.segment // 2) % self.segment >= warmup
 
     def _timed(self, hook: str, *args: Any) -> None:
         if not self._on:
@@ -159,28 +168,33 @@ def _fit(example, setup: Setup, steps: int, callbacks: list[pl.Callback]) -> pl.
     return module
 
 
-def run_once(example, setup: Setup, steps: int, segment: int, warmup: int) -> dict[str, Any]:  # noqa: ANN001
-    if setup.compiled:
+def run_once(example, setup: Setup, steps: int, segment: int, warmup: int,  # noqa: ANN001
+             count_graphs: bool = True) -> dict[str, Any]:
+    count_graphs = setup.compiled and count_graphs
+    if count_graphs:  # a fresh Dynamo cache: every graph of this fit is counted
         torch._dynamo.reset()
-    graphs_before = _graphs() if setup.compiled else 0
+    graphs_before = _graphs() if count_graphs else 0
     monitor = TimedSegmentedMonitor(segment, verbose=False, **setup.monitor)
     timer = StepTimer()
     _fit(example, setup, steps, [monitor, timer])
-    on, off, on_steps = [], [], []
+    on, off, on_steps, on_unsampled = [], [], [], []
     for i, t in enumerate(timer.times, start=1):  # times[i - 1] is the step with global_step i
-        if i % segment < warmup:
+        if not monitor.counted(i, warmup):
             continue  # the first steps of a block pay for the switch (caches, allocator)
         (on if monitor.is_on(i) else off).append(t)
         if monitor.is_on(i):
             on_steps.append(i)
+            if not monitor.core.is_sampled(i):
+                on_unsampled.append(t)
     # the hooks of the same steps as the step times (so step 0, with its sharpness estimate, is out)
     hook_ms = {h: 1000 * statistics.fmean(monitor.hook_seconds[i][h] for i in on_steps) for h in HOOKS}
     result = {"on": statistics.fmean(on), "off": statistics.fmean(off), "ratio": statistics.fmean(on) / statistics.fmean(off),
+              "unsampled_ratio": statistics.fmean(on_unsampled) / statistics.fmean(off) if on_unsampled else None,
               "hook_ms": hook_ms}
     if CUDA:
         unsampled = [monitor.syncs[i] for i in on_steps if i in monitor.syncs]
         result["syncs_per_unsampled_step"] = statistics.fmean(unsampled) if unsampled else float("nan")
-    if setup.compiled:
+    if count_graphs:
         result["graphs_with_monitor"] = _graphs() - graphs_before
         torch._dynamo.reset()
         before = _graphs()
@@ -242,7 +256,7 @@ def peak_rss(name: str, steps: int) -> float:
 
 def main(argv: list[str]) -> None:
     opts = dict(a[2:].split("=", 1) for a in argv if a.startswith("--") and "=" in a)
-    rounds, steps = int(opts.get("rounds", 3)), int(opts.get("steps", 300))
+    rounds, steps = int(opts.get("rounds", 3)), int(opts.get("steps", 350))
     segment, warmup = int(opts.get("segment", 50)), int(opts.get("warmup", 2))
     names = opts["only"].split(",") if "only" in opts else list(SETUPS)
     unknown = sorted(set(names) - set(SETUPS))
@@ -252,7 +266,7 @@ def main(argv: list[str]) -> None:
     results: dict[str, list[dict[str, Any]]] = {name: [] for name in names}
     for r in range(rounds):
         for name in names if r % 2 == 0 else names[::-1]:
-            res = run_once(example, SETUPS[name], steps, segment, warmup)
+            res = run_once(example, SETUPS[name], steps, segment, warmup, count_graphs=r == 0)
             results[name].append(res)
             hooks = sum(res["hook_ms"].values())
             print(f"round {r + 1}/{rounds} {name:22s} on {1000 * res['on']:7.2f} ms/step, off {1000 * res['off']:7.2f}"
@@ -283,10 +297,12 @@ def main(argv: list[str]) -> None:
         if SETUPS[name].compiled:
             extra.append(f"{runs[0]['graphs_with_monitor']} vs {runs[0]['graphs_without_monitor']}")
         rows.append([name, f"{statistics.median(ratios):.3f}", f"{min(ratios):.3f} .. {max(ratios):.3f}",
-                     f"{off_ms:.1f}", f"{total:.2f}", f"{100 * total / off_ms:.2f}%",
+                     f"{statistics.median(res['unsampled_ratio'] for res in runs):.3f}"
+                     if runs[0]["unsampled_ratio"] is not None else "- (every step sampled)", f"{off_ms:.1f}", f"{total:.2f}", f"{100 * total / off_ms:.2f}%",
                      f"{rss[name] / rss['off']:.3f}" if name in rss else "-", *(extra or [])])
         hook_rows.append([name, *(f"{hook_ms[h]:.3f}" for h in HOOKS), f"{total:.3f}"])
-    headers = ["config", "step time on / off (median)", "range over rounds", "ms/step off", "hooks ms/step",
+    headers = ["config", "step time on / off (median)", "range over rounds", "unsampled steps on / off",
+               "ms/step off", "hooks ms/step",
                "hooks % of step", "peak RSS on / off"]
     if CUDA:
         headers.append("syncs / unsampled step")

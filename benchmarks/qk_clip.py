@@ -2,6 +2,7 @@
 
     python benchmarks/qk_clip.py                  # about 3 CPU minutes
     python benchmarks/qk_clip.py --rounds=5 --steps=200
+    python benchmarks/qk_clip.py --taus=40,60,80,120 --lrs=0.003,0.01,0.03   # the choice of tau, about 10 minutes
 
 Method: the example GPT (4 attention layers) trains with the monitor at its defaults; its
 layers are located at step 0 and then, in alternating blocks of ``--segment`` steps, all
@@ -110,8 +111,38 @@ def kernel_table(device: str) -> tuple[str, list[dict]]:
                           rows), out
 
 
+def tau_sweep(example, taus: list[float], lrs: list[float], steps: int, seed: int) -> tuple[str, list[dict]]:  # noqa: ANN001
+    """Final loss, head clips and max attention logit per (lr, tau): the runs of benchmarks/lr_sweep.py
+    ("plain + stabmon") with other thresholds. A tau that clips a healthy run is too low."""
+    from detection import run
+    from lr_sweep import final
+
+    rows, out = [], []
+    for lr in lrs:
+        for tau in taus:
+            res = run(example, lr, steps, observe_only=False, seed=seed,
+                      intervention=InterventionConfig(qk_clip_tau=tau))
+            armed = [a["step"] for a in res["actions"] if a["name"] == "qk_clip"]
+            out.append({"lr": lr, "tau": tau, "final": final(res), "val_loss": res["val_loss"],
+                        "qk_clips": res["qk_clips"], "first_armed": min(armed) if armed else None,
+                        "max_attention_logit": res["max_attention_logit"]})
+            rows.append([f"{lr:g}", f"{tau:g}", f"{final(res):.3f}", int(res["qk_clips"]),
+                         min(armed) if armed else "-", f"{res['max_attention_logit']:.3g}"])
+            print(rows[-1], flush=True)
+    return markdown_table(["lr", "tau", "final loss", "head clips", "first armed at step", "max attention logit"],
+                          rows), out
+
+
 def main(argv: list[str]) -> None:
     opts = dict(a[2:].split("=", 1) for a in argv if a.startswith("--") and "=" in a)
+    if "taus" in opts:  # the choice of the default tau
+        taus = [float(x) for x in opts["taus"].split(",")]
+        lrs = [float(x) for x in opts.get("lrs", "0.003,0.01,0.03").split(",")]
+        table, runs = tau_sweep(load_example(), taus, lrs, int(opts.get("steps", 300)), int(opts.get("seed", 1338)))
+        print(table)
+        path = write_json("qk_clip_tau", {"machine": machine(), "taus": taus, "lrs": lrs, "runs": runs, "table": table})
+        print(f"\nJSON in {path}")
+        return
     rounds, steps = int(opts.get("rounds", 3)), int(opts.get("steps", 200))
     segment, warmup = int(opts.get("segment", 25)), int(opts.get("warmup", 2))
     example = load_example()
