@@ -116,6 +116,7 @@ def worker(rank: int, out_dir: str, flags: set[str], port: int) -> None:
     torch.set_num_threads(1)
     try:
         train(out_dir, "fsdp", flags, rank)
+        dist.barrier()  # no rank tears its connections down while another still talks (see plain_loop.py)
     finally:
         dist.destroy_process_group()
 
