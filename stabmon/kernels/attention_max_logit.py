@@ -13,16 +13,13 @@ is installed; elsewhere a chunked torch path whose working memory is bounded by
 
 from __future__ import annotations
 
-import math
-
 import torch
 
-from stabmon.kernels._workspace import scratch
 from stabmon.kernels.attention_stats import (
     DEFAULT_MAX_BLOCK_ELEMENTS,
     _check_sdpa_args,
-    _mask_block_,
     attention_stats_reference,
+    _score_blocks,
 )
 
 __all__ = ["attention_max_logit", "attention_max_logit_chunked", "attention_max_logit_reference"]
@@ -42,25 +39,11 @@ def attention_max_logit_chunked(
 ) -> torch.Tensor:
     """Torch path: blocks of queries and keys, a running max over key blocks (float32; float64 stays)."""
     _check_sdpa_args(q, k, attn_mask, is_causal)
-    b, h, lq, d = q.shape
-    hkv, lk = k.shape[1], k.shape[2]
-    groups = h // hkv
-    work_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
-    scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
-    qg = (q.to(work_dtype) * scale).reshape(b, hkv, groups, lq, d)
-    kg = k.to(work_dtype).unsqueeze(2)
-    per_head = max(1, max_block_elements // max(1, b * h))
-    block_k = max(1, min(lk, max(256, int(math.sqrt(per_head)))))
-    block_q = max(1, min(lq, per_head // block_k))
-    out = torch.full((b, hkv, groups, lq), float("-inf"), dtype=torch.float32, device=q.device)
-    for q0 in range(0, lq, block_q):
-        q1 = min(lq, q0 + block_q)
-        k_end = min(lk, q1) if is_causal else lk
-        for k0 in range(0, k_end, block_k):
-            k1 = min(k_end, k0 + block_k)
-            s = torch.matmul(qg[:, :, :, q0:q1], kg[:, :, :, k0:k1].transpose(-1, -2),
-                             out=scratch(0, (b, hkv, groups, q1 - q0, k1 - k0), work_dtype, q.device))
-            _mask_block_(s, attn_mask, is_causal, q0, q1, k0, k1, hkv)
+    b, h, lq, _ = q.shape
+    hkv = k.shape[1]
+    out = torch.full((b, hkv, h // hkv, lq), float("-inf"), dtype=torch.float32, device=q.device)
+    for q0, q1, blocks in _score_blocks(q, k, attn_mask, is_causal, scale, max_block_elements):
+        for s in blocks:
             torch.maximum(out[..., q0:q1], s.amax(dim=-1).float(), out=out[..., q0:q1])
     return out.reshape(b, h, lq)
 

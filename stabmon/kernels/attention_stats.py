@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Iterator
 from typing import NamedTuple
 
 import torch
@@ -146,6 +147,50 @@ def _as_gqa(x: torch.Tensor | None, hkv: int) -> torch.Tensor | None:
     return x.reshape(b, hkv, h // hkv, *x.shape[2:])
 
 
+def _score_blocks(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    attn_mask: torch.Tensor | None,
+    is_causal: bool,
+    scale: float | None,
+    max_block_elements: int,
+) -> Iterator[tuple[int, int, Iterator[torch.Tensor]]]:
+    """The scaled, masked scores of SDPA, block by block, in float32 (float64 stays).
+
+    Yields ``(q0, q1, blocks)`` for each block of query rows ``q0:q1``; ``blocks`` yields the
+    scores of each key block, ``(B, Hkv, G, q1 - q0, cols)`` with the ``G = H // Hkv`` query
+    heads of a key head side by side. Causal rows never look past their own index, so key
+    blocks entirely above the diagonal are skipped. A score block is written into a reused
+    buffer (``kernels/_workspace.py``): use it up before taking the next. Rows * cols * B * H
+    stays within ``max_block_elements``. Arguments are not checked here.
+    """
+    b, h, lq, d = q.shape
+    hkv, lk = k.shape[1], k.shape[2]
+    groups = h // hkv
+    work_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
+    # Fold the scale into q once; (B, Hkv, G, Lq, D) lets each key head serve its group.
+    qg = (q.to(work_dtype) * scale).reshape(b, hkv, groups, lq, d)
+    kg = k.to(work_dtype).unsqueeze(2)  # (B, Hkv, 1, Lk, D)
+    # Square-ish blocks: rows * cols * B * H <= max_block_elements.
+    per_head = max(1, max_block_elements // max(1, b * h))
+    block_k = max(1, min(lk, max(256, int(math.sqrt(per_head)))))
+    block_q = max(1, min(lq, per_head // block_k))
+
+    def key_blocks(q0: int, q1: int) -> Iterator[torch.Tensor]:
+        k_end = min(lk, q1) if is_causal else lk
+        for k0 in range(0, k_end, block_k):
+            k1 = min(k_end, k0 + block_k)
+            s = torch.matmul(qg[:, :, :, q0:q1], kg[:, :, :, k0:k1].transpose(-1, -2),
+                             out=scratch(0, (b, hkv, groups, q1 - q0, k1 - k0), work_dtype, q.device))
+            _mask_block_(s, attn_mask, is_causal, q0, q1, k0, k1, hkv)
+            yield s
+
+    for q0 in range(0, lq, block_q):
+        q1 = min(lq, q0 + block_q)
+        yield q0, q1, key_blocks(q0, q1)
+
+
 @torch.no_grad()
 def attention_stats_chunked(
     q: torch.Tensor,
@@ -162,35 +207,16 @@ def attention_stats_chunked(
     ``O(B * H * Lq)`` plus one score block of at most ``max_block_elements`` elements.
     """
     _check_sdpa_args(q, k, attn_mask, is_causal)
-    b, h, lq, d = q.shape
-    hkv, lk = k.shape[1], k.shape[2]
+    b, h, lq, _ = q.shape
+    hkv = k.shape[1]
     groups = h // hkv
     work_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
-    scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
-
-    # Fold the scale into q once; (B, Hkv, G, Lq, D) lets each key head serve its group.
-    qg = (q.to(work_dtype) * scale).reshape(b, hkv, groups, lq, d)
-    kg = k.to(work_dtype).unsqueeze(2)  # (B, Hkv, 1, Lk, D)
-
-    # Square-ish blocks: rows * cols * B * H <= max_block_elements.
-    per_head = max(1, max_block_elements // max(1, b * h))
-    block_k = max(1, min(lk, max(256, int(math.sqrt(per_head)))))
-    block_q = max(1, min(lq, per_head // block_k))
-
     entropy = torch.empty(b, hkv, groups, lq, dtype=torch.float32, device=q.device)
     max_logit = torch.empty_like(entropy)
-    for q0 in range(0, lq, block_q):
-        q1 = min(lq, q0 + block_q)
+    for q0, q1, blocks in _score_blocks(q, k, attn_mask, is_causal, scale, max_block_elements):
         rows = q1 - q0
         m = l = t = None  # noqa: E741  running max, sum exp(s - m), sum exp(s - m) * (s - m)
-        # Causal rows never look past their own index: skip key blocks entirely above it.
-        k_end = min(lk, q1) if is_causal else lk
-        for k0 in range(0, k_end, block_k):
-            k1 = min(k_end, k0 + block_k)
-            # (B, Hkv, G, rows, cols), written into a reused buffer (see kernels/_workspace.py)
-            s = torch.matmul(qg[:, :, :, q0:q1], kg[:, :, :, k0:k1].transpose(-1, -2),
-                             out=scratch(0, (b, hkv, groups, rows, k1 - k0), work_dtype, q.device))
-            _mask_block_(s, attn_mask, is_causal, q0, q1, k0, k1, hkv)
+        for s in blocks:
             m_new = s.amax(dim=-1) if m is None else torch.maximum(m, s.amax(dim=-1))
             # A row with no finite score yet keeps m = -inf: shift it by 0 (no inf - inf).
             m_safe = m_new.nan_to_num(neginf=0.0)
