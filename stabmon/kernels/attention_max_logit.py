@@ -18,8 +18,8 @@ import torch
 from stabmon.kernels.attention_stats import (
     DEFAULT_MAX_BLOCK_ELEMENTS,
     _check_sdpa_args,
-    attention_stats_reference,
     _score_blocks,
+    attention_stats_reference,
 )
 
 __all__ = ["attention_max_logit", "attention_max_logit_chunked", "attention_max_logit_reference"]
