@@ -11,11 +11,11 @@ import torch
 from stabmon._validation import check_bool, check_optional_instance, check_positive_int
 from stabmon.alerts import AlertChannel, AlertDispatcher
 from stabmon.core import MonitorCore
-from stabmon.detectors import DetectionConfig
-from stabmon.interventions import InterventionConfig
+from stabmon.detectors import DetectionConfig, Finding
+from stabmon.interventions import Action, InterventionConfig
 from stabmon.probes.sharpness import SharpnessConfig
 
-__all__ = ["MonitorSettings"]
+__all__ = ["MonitorOutputs", "MonitorSettings"]
 
 
 @dataclass(frozen=True)
@@ -99,3 +99,25 @@ class MonitorSettings:
             gradients=self.gradients,
             per_layer=self.per_layer,
         )
+
+
+class MonitorOutputs:
+    """What the trainer adapters show of their ``core`` (None until training sets it up)."""
+
+    core: MonitorCore | None
+
+    @property
+    def findings(self) -> list[Finding]:
+        """What the detectors found so far (``step``, ``signal``, ``severity``, ``value``, ``threshold``, ``message``)."""
+        return self.core.findings if self.core is not None else []
+
+    @property
+    def actions_taken(self) -> list[Action]:
+        """What the monitor did to the run (``step``, ``name``, ``detail``)."""
+        return self.core.actions_taken if self.core is not None else []
+
+    def summary(self) -> str:
+        """The end-of-training table as text."""
+        if self.core is None:
+            return "stabmon: the monitor has not been set up by a training run yet."
+        return self.core.summary.format(self.core.attention_modules)

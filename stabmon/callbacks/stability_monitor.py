@@ -13,12 +13,12 @@ from typing_extensions import override
 from stabmon.alerts import AlertChannel
 from stabmon.callbacks._lightning import CALLBACK_BASES, logger_kind, namespace_of
 from stabmon.core import MonitorCore
-from stabmon.detectors import DetectionConfig, Finding
-from stabmon.interventions import Action, InterventionConfig
+from stabmon.detectors import DetectionConfig
+from stabmon.interventions import InterventionConfig
 from stabmon.keys import logged_key, logged_metrics, split_layers
 from stabmon.probes.batches import head_of_batch
-from stabmon.settings import MonitorSettings
 from stabmon.probes.sharpness import SharpnessConfig
+from stabmon.settings import MonitorOutputs, MonitorSettings
 from stabmon.sinks.reporter import Reporter
 
 if TYPE_CHECKING:
@@ -27,7 +27,7 @@ if TYPE_CHECKING:
 __all__ = ["StabilityMonitor"]
 
 
-class StabilityMonitor(*CALLBACK_BASES):
+class StabilityMonitor(MonitorOutputs, *CALLBACK_BASES):
     r"""Watches a training run for the signs that come before a divergence.
 
     With no arguments it samples every 50th step: on those steps every
@@ -280,16 +280,6 @@ class StabilityMonitor(*CALLBACK_BASES):
             self._pending_state = dict(state_dict)
 
     # -- output -----------------------------------------------------------------------------
-    @property
-    def findings(self) -> list[Finding]:
-        """What the detectors found so far (``step``, ``signal``, ``severity``, ``value``, ``threshold``, ``message``)."""
-        return self.core.findings if self.core is not None else []
-
-    @property
-    def actions_taken(self) -> list[Action]:
-        """What the monitor did to the run (``step``, ``name``, ``detail``)."""
-        return self.core.actions_taken if self.core is not None else []
-
     def _stop(self, trainer: "pl.Trainer") -> None:
         path = os.path.join(trainer.default_root_dir, "stabmon-stop.ckpt")
         trainer.save_checkpoint(path)  # every rank calls it: the strategy gathers what it needs
@@ -298,12 +288,6 @@ class StabilityMonitor(*CALLBACK_BASES):
         if trainer.is_global_zero:
             print(f"stabmon: stopping the run at step {trainer.global_step}: {self.core.stop_reason}. "
                   f"Checkpoint: {path}", flush=True)
-
-    def summary(self) -> str:
-        """The end-of-fit table as text."""
-        if self.core is None:
-            return "stabmon: the monitor has not been set up by a fit yet."
-        return self.core.summary.format(self.core.attention_modules)
 
     def _find_wandb(self, trainer: "pl.Trainer") -> None:
         """W&B extras when the trainer logs to W&B (or a wandb run is active); else nothing."""

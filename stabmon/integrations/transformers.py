@@ -52,12 +52,12 @@ except ImportError as err:  # pragma: no cover - exercised in a subprocess by th
 
 from stabmon.alerts import AlertChannel
 from stabmon.core import MonitorCore
-from stabmon.detectors import DetectionConfig, Finding
-from stabmon.interventions import Action, InterventionConfig
+from stabmon.detectors import DetectionConfig
+from stabmon.interventions import InterventionConfig
 from stabmon.keys import logged_metrics
 from stabmon.probes.batches import head_of_batch
 from stabmon.probes.sharpness import SharpnessConfig
-from stabmon.settings import MonitorSettings
+from stabmon.settings import MonitorOutputs, MonitorSettings
 from stabmon.sinks.reporter import Reporter
 
 __all__ = ["StabilityMonitorCallback"]
@@ -84,7 +84,7 @@ def _inner_optimizer(optimizer: Any) -> torch.optim.Optimizer | None:
     return optimizer
 
 
-class StabilityMonitorCallback(TrainerCallback):
+class StabilityMonitorCallback(MonitorOutputs, TrainerCallback):
     """``stabmon.StabilityMonitor`` as a ``transformers.TrainerCallback``.
 
     Takes the arguments of ``StabilityMonitor`` (see its documentation for each default);
@@ -147,20 +147,6 @@ class StabilityMonitorCallback(TrainerCallback):
         self._step_read = False  # gradients of this step already read (before clipping)
         self._probing = False
         self._said: set[str] = set()
-
-    # -- outputs, as on the Lightning callback -------------------------------------------------
-    @property
-    def findings(self) -> list[Finding]:
-        return self.core.findings if self.core is not None else []
-
-    @property
-    def actions_taken(self) -> list[Action]:
-        return self.core.actions_taken if self.core is not None else []
-
-    def summary(self) -> str:
-        if self.core is None:
-            return "stabmon: the monitor has not been set up by a training run yet."
-        return self.core.summary.format(self.core.attention_modules)
 
     # -- set-up ---------------------------------------------------------------------------------
     def on_init_end(self, args, state, control, **kwargs):  # noqa: ANN001, ANN201
