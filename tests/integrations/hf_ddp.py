@@ -31,6 +31,9 @@ def main(out_dir: str) -> None:
               "weights": hashlib.sha256(weights.numpy().tobytes()).hexdigest(), "step": SpikyLlama.step}
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
         json.dump(record, f)
+    if torch.distributed.is_initialized():  # tear down together, as examples/plain_loop.py does
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
