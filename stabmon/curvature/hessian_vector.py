@@ -179,6 +179,7 @@ class _FiniteDifferenceHVP:
     def __init__(self, loss_fn: LossFn, params: list[torch.Tensor], rng_seed: int) -> None:
         self.loss_fn, self.params, self.rng_seed = loss_fn, params, rng_seed
         self.trainable = [i for i, p in enumerate(params) if p.requires_grad]
+        self.local = params  # the tensors moved along v (a sharded subclass: this rank's shards)
 
     def _gradient(self) -> tuple[torch.Tensor | None, ...]:
         with torch.enable_grad(), _isolated_rng([p.device for p in self.params], self.rng_seed):
@@ -187,23 +188,22 @@ class _FiniteDifferenceHVP:
 
     @torch.no_grad()
     def __call__(self, v: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-        out = [torch.zeros_like(p) for p in self.params]
-        targets = [self.params[i] for i in self.trainable]
-        directions = [v[i].to(self.params[i].dtype) for i in self.trainable]
+        out = [torch.zeros_like(x) for x in self.local]
+        targets = [self.local[i] for i in self.trainable]
+        directions = [v[i].to(self.local[i].dtype) for i in self.trainable]
         v_norm = float(flat_norm(directions))
         if v_norm == 0 or not targets:
             return out
-        dtype = targets[0].dtype
-        eps = torch.finfo(dtype).eps ** (1 / 3) * (1 + float(flat_norm(targets))) / v_norm
-        saved = [p.detach().clone() for p in targets]
+        eps = torch.finfo(targets[0].dtype).eps ** (1 / 3) * (1 + float(flat_norm(targets))) / v_norm
+        saved = [x.detach().clone() for x in targets]
         try:
-            torch._foreach_add_(targets, directions, alpha=eps)
+            torch._foreach_add_(targets, directions, alpha=eps)  # in place (the local shards, when sharded)
             g_plus = self._gradient()
             torch._foreach_add_(targets, directions, alpha=-2 * eps)
             g_minus = self._gradient()
         finally:
-            for p, s in zip(targets, saved):
-                p.copy_(s)  # bit-exact restore, not += eps v (which rounds)
+            for x, s in zip(targets, saved):
+                x.copy_(s)  # bit-exact restore, not += eps v (which rounds)
         for j, i in enumerate(self.trainable):
             if g_plus[j] is not None and g_minus[j] is not None:
                 out[i] = (g_plus[j] - g_minus[j]) / (2 * eps)
@@ -234,26 +234,3 @@ class _ShardedFiniteDifferenceHVP(_FiniteDifferenceHVP):
         finally:
             for p, g in zip(self.params, saved):
                 p.grad = g
-
-    @torch.no_grad()
-    def __call__(self, v: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-        out = [torch.zeros_like(x) for x in self.local]
-        targets = [self.local[i] for i in self.trainable]
-        directions = [v[i].to(self.local[i].dtype) for i in self.trainable]
-        v_norm = float(flat_norm(directions))
-        if v_norm == 0 or not targets:
-            return out
-        eps = torch.finfo(targets[0].dtype).eps ** (1 / 3) * (1 + float(flat_norm(targets))) / v_norm
-        saved = [x.clone() for x in targets]
-        try:
-            torch._foreach_add_(targets, directions, alpha=eps)  # the local shards, in place
-            g_plus = self._gradient()
-            torch._foreach_add_(targets, directions, alpha=-2 * eps)
-            g_minus = self._gradient()
-        finally:
-            for x, s in zip(targets, saved):
-                x.copy_(s)
-        for j, i in enumerate(self.trainable):
-            if g_plus[j] is not None and g_minus[j] is not None:
-                out[i] = (g_plus[j] - g_minus[j]) / (2 * eps)
-        return out
