@@ -13,7 +13,14 @@ Slow drifts of a noisy machine hit both halves alike. The overhead of a run is
 the range, and the same ratio for the unsampled "on" steps alone (what an ordinary step
 costs). Every Lightning hook of the monitor is timed with ``time.perf_counter`` on the
 "on" steps (a GPU is synchronized around each hook, so on CUDA the figure includes the
-device work the hook enqueues); "hooks % of step" is their sum over the mean "off" step.
+device work the hook enqueues); "hooks % of step" is their sum over the mean "off" step;
+"ordinary step" is the hooks' time on the unsampled steps of the cadence (logging every 50:
+also not emitting), and "sampled step" on the sampled ones (their mean over the run is the per-step figure).
+
+The floor: reading every gradient once, timed where the monitor reads them (after the
+backward) in a fit without the monitor (``GradientReadTimer``): the fused per-tensor norms
+the monitor uses, and one norm over a single contiguous buffer of the same size. No per-step
+gradient norm can cost less. ``--floor=no`` skips it.
 
 Models: ``example`` (the example GPT, context 128) and ``small`` (the same GPT at context
 32: a short step, where a fixed per-step cost shows most). Cadences: the Trainer's default
@@ -188,9 +195,16 @@ def run_once(example, setup: Setup, steps: int, segment: int, warmup: int,  # no
                 on_unsampled.append(t)
     # the hooks of the same steps as the step times (so step 0, with its sharpness estimate, is out)
     hook_ms = {h: 1000 * statistics.fmean(monitor.hook_seconds[i][h] for i in on_steps) for h in HOOKS}
+    # an ordinary step of that cadence: not sampled, and (logging every 50) not emitting either
+    ordinary = [i for i in on_steps if not monitor.core.is_sampled(i) and (setup.log_every == 1 or (i + 1) % setup.log_every)]
+    sampled = [i for i in on_steps if monitor.core.is_sampled(i)]
     result = {"on": statistics.fmean(on), "off": statistics.fmean(off), "ratio": statistics.fmean(on) / statistics.fmean(off),
               "unsampled_ratio": statistics.fmean(on_unsampled) / statistics.fmean(off) if on_unsampled else None,
-              "hook_ms": hook_ms}
+              "hook_ms": hook_ms,
+              "ordinary_step_hook_ms": (1000 * statistics.fmean(sum(monitor.hook_seconds[i].values()) for i in ordinary)
+                                        if ordinary else None),
+              "sampled_step_hook_ms": (1000 * statistics.fmean(sum(monitor.hook_seconds[i].values()) for i in sampled)
+                                       if sampled else None)}
     if CUDA:
         unsampled = [monitor.syncs[i] for i in on_steps if i in monitor.syncs]
         result["syncs_per_unsampled_step"] = statistics.fmean(unsampled) if unsampled else float("nan")
@@ -203,36 +217,46 @@ def run_once(example, setup: Setup, steps: int, segment: int, warmup: int,  # no
     return result
 
 
-def gradient_read_floor(example, setup: Setup, repeats: int = 200) -> dict[str, float]:  # noqa: ANN001
-    """What reading every gradient once costs, in ms: the floor under any per-step gradient norm.
+class GradientReadTimer(pl.Callback):
+    """Times reading every gradient once at the point where the monitor reads them (the
+    Trainer's ``on_before_optimizer_step``, right after the backward), with no monitor."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, list[float]] = {"foreach_norm": [], "flat_norm": []}
+        self._flat: torch.Tensor | None = None
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):  # noqa: ANN001
+        grads = [p.grad for p in pl_module.parameters() if p.grad is not None]
+        if self._flat is None:
+            self._flat = torch.zeros(sum(g.numel() for g in grads), device=grads[0].device)
+        sync = torch.cuda.synchronize if CUDA else (lambda: None)
+        # alternate which read comes first: the second one finds the gradients warmer in cache
+        reads = [("foreach_norm", lambda: torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))),
+                 ("flat_norm", lambda: torch.linalg.vector_norm(self._flat))]
+        for name, read in reads if trainer.global_step % 2 == 0 else reads[::-1]:
+            sync()
+            start = time.perf_counter()
+            read()
+            sync()
+            self.seconds[name].append(time.perf_counter() - start)
+
+
+def gradient_read_floor(example, setup: Setup, steps: int = 200) -> dict[str, float]:  # noqa: ANN001
+    """What reading every gradient once costs in a training step, in ms: the floor under any
+    per-step gradient norm.
 
     ``foreach_norm``: the monitor's fused per-parameter norms (``torch._foreach_norm``, then the
     norm of the norms); ``flat_norm``: one ``vector_norm`` over a single contiguous buffer of
-    the same size (no per-tensor overhead at all). Best of ``repeats``, with a forward and
-    backward in between so the gradients are as cold in cache as in training.
+    the same size (no per-tensor overhead at all). Both timed inside a ``Trainer.fit`` of
+    ``steps`` steps without the monitor, where the monitor reads (after the backward, with the
+    caches as the step leaves them); median over the steps after the first ten.
     """
-    cfg = example.Config(max_steps=1, block_size=BLOCK[setup.model])
-    pl.seed_everything(cfg.seed, verbose=False)
-    train_loader, _ = example.make_data(cfg)
-    module = example.GPTModule(cfg)
-    x, y = next(iter(train_loader))
-    params = [p for p in module.parameters() if p.requires_grad]
-    flat = torch.zeros(sum(p.numel() for p in params))
-    best = {"foreach_norm": float("inf"), "flat_norm": float("inf"), "step": float("inf")}
-    for _ in range(repeats // 10):
-        for _ in range(10):
-            start = time.perf_counter()
-            module.zero_grad(set_to_none=False)
-            module.loss(x, y).backward()
-            best["step"] = min(best["step"], time.perf_counter() - start)
-            grads = [p.grad for p in params]
-            start = time.perf_counter()
-            torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
-            best["foreach_norm"] = min(best["foreach_norm"], time.perf_counter() - start)
-            start = time.perf_counter()
-            torch.linalg.vector_norm(flat)
-            best["flat_norm"] = min(best["flat_norm"], time.perf_counter() - start)
-    return {k: 1000 * v for k, v in best.items()}
+    timer = GradientReadTimer()
+    step_timer = StepTimer()
+    _fit(example, setup, steps, [timer, step_timer])
+    out = {name: 1000 * statistics.median(values[10:]) for name, values in timer.seconds.items()}
+    out["step"] = 1000 * statistics.median(step_timer.times[10:])
+    return out
 
 
 def _peak_rss_child(name: str, steps: int, queue) -> None:  # noqa: ANN001
@@ -254,6 +278,11 @@ def peak_rss(name: str, steps: int) -> float:
     return value
 
 
+def _median_ms(runs: list[dict[str, Any]], key: str) -> str:
+    values = [res[key] for res in runs if res.get(key) is not None]
+    return f"{statistics.median(values):.2f}" if values else "-"
+
+
 def main(argv: list[str]) -> None:
     opts = dict(a[2:].split("=", 1) for a in argv if a.startswith("--") and "=" in a)
     rounds, steps = int(opts.get("rounds", 3)), int(opts.get("steps", 350))
@@ -272,12 +301,13 @@ def main(argv: list[str]) -> None:
             print(f"round {r + 1}/{rounds} {name:22s} on {1000 * res['on']:7.2f} ms/step, off {1000 * res['off']:7.2f}"
                   f" ms/step, ratio {res['ratio']:.4f}, hooks {hooks:.2f} ms/step", flush=True)
     floors = {}
-    if not CUDA:
+    if opts.get("floor", "yes") != "no":
         for model in sorted({SETUPS[n].model for n in names}):
             floors[model] = gradient_read_floor(example, Setup(model, 50))
             f = floors[model]
-            print(f"{model}: reading every gradient once: foreach_norm {f['foreach_norm']:.3f} ms, one flat buffer "
-                  f"{f['flat_norm']:.3f} ms (forward + backward alone: {f['step']:.1f} ms)", flush=True)
+            print(f"{model}: reading every gradient once where the monitor does (median in a fit without it): "
+                  f"foreach_norm {f['foreach_norm']:.3f} ms, one flat buffer of the same size {f['flat_norm']:.3f} ms "
+                  f"(step {f['step']:.1f} ms)", flush=True)
     memory_steps = int(opts.get("memory_steps", 40))
     rss_names = [n for n in names if SETUPS[n].model == "example"]
     rss = {name: peak_rss(name, memory_steps) for name in ["off", *rss_names]} if rss_names else {}
@@ -299,11 +329,12 @@ def main(argv: list[str]) -> None:
         rows.append([name, f"{statistics.median(ratios):.3f}", f"{min(ratios):.3f} .. {max(ratios):.3f}",
                      f"{statistics.median(res['unsampled_ratio'] for res in runs):.3f}"
                      if runs[0]["unsampled_ratio"] is not None else "- (every step sampled)", f"{off_ms:.1f}", f"{total:.2f}", f"{100 * total / off_ms:.2f}%",
+                     _median_ms(runs, "ordinary_step_hook_ms"), _median_ms(runs, "sampled_step_hook_ms"),
                      f"{rss[name] / rss['off']:.3f}" if name in rss else "-", *(extra or [])])
         hook_rows.append([name, *(f"{hook_ms[h]:.3f}" for h in HOOKS), f"{total:.3f}"])
     headers = ["config", "step time on / off (median)", "range over rounds", "unsampled steps on / off",
                "ms/step off", "hooks ms/step",
-               "hooks % of step", "peak RSS on / off"]
+               "hooks % of step", "hooks ms, ordinary step", "hooks ms, sampled step", "peak RSS on / off"]
     if CUDA:
         headers.append("syncs / unsampled step")
     if any(SETUPS[n].compiled for n in names):

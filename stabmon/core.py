@@ -172,13 +172,26 @@ class MonitorCore:
         named = ((canonical_name(n), p) for n, p in self.model.named_parameters())
         return GradientProbe(named, world=world_size())
 
-    def _refresh_parameters(self) -> None:
+    def _refresh_parameters(self) -> bool:
         """Parameters made or replaced after the monitor (``configure_model``, ``fully_shard``):
-        follow them. One identity check per step."""
+        follow them. One identity check; True when the probe was rebuilt."""
         first = next((p for p in self.model.parameters() if p.requires_grad), None)
         current = self.gradients.params[0] if self.gradients.params else None
-        if first is not current:
-            self.gradients = self._gradient_probe()
+        if first is current:
+            return False
+        self.gradients = self._gradient_probe()
+        return True
+
+    def _observe_gradients(self) -> torch.Tensor | None:
+        """The gradient probe's per-parameter norms. The parameters are checked against the
+        model on sampled steps (step 0 is one) and whenever none of the known ones has a
+        gradient (they were replaced): the model's parameter walk stays off ordinary steps."""
+        if self.sampled:
+            self._refresh_parameters()
+        norms = self.gradients.observe() if not self.gradients.empty else None
+        if norms is None and not self.sampled and self._refresh_parameters() and not self.gradients.empty:
+            norms = self.gradients.observe()
+        return norms
 
     # -- torch.compile ---------------------------------------------------------------------
     @property
@@ -292,8 +305,6 @@ class MonitorCore:
         On sharpness steps, ``loss_fn`` (no arguments, the loss on a held batch) and the
         optimizer feed the sharpness probe.
         """
-        if self.gradients is not None:
-            self._refresh_parameters()
         if loss_fn is not None and self.sharpness_due():
             if self.compiled:  # no double backward through a compiled graph: the eager original
                 compiled_loss = loss_fn
@@ -306,16 +317,14 @@ class MonitorCore:
             self._sharpness_values = values or {}
             for note in self.sharpness.notes:
                 self.guard.warn_once(note, note)
-        grad = None
-        if self.gradients is not None and not self.gradients.empty:
-            grad = self.guard.run("gradient probe", self.gradients.observe)
+        grad_norms = self.guard.run("gradient probe", self._observe_gradients) if self.gradients is not None else None
         if optimizer is not None:
             self._optimizer = optimizer
         loss, self._step_losses = self._step_loss(), []
         if self.detectors is not None:
-            self.guard.run("detection", self._detect_step, loss, grad, optimizer)
+            self.guard.run("detection", self._detect_step, loss, grad_norms, optimizer)
         else:
-            self.guard.run("signals", self._record_step, loss, grad)
+            self.guard.run("signals", self._record_step, loss, grad_norms)
         if self.sampled and self.gradients is not None and not self.gradients.empty:
             self.guard.run("gradient probe", self.gradients.snapshot_parameters)
         if optimizer is not None and not self.observe_only and self.step is not None:
@@ -329,11 +338,11 @@ class MonitorCore:
         return losses[0] if len(losses) == 1 else torch.stack([x.float() for x in losses]).mean()
 
     # -- detection and intervention ---------------------------------------------------------
-    def _detect_step(self, loss: torch.Tensor | None, grad: torch.Tensor | None,
+    def _detect_step(self, loss: torch.Tensor | None, grad_norms: torch.Tensor | None,
                      optimizer: torch.optim.Optimizer | None) -> None:
         """Per-step detectors on the loss and gradient norm: one host read (and one small
         all-reduce when there are several ranks)."""
-        values = self._read_step(loss, grad)
+        values = self._read_step(loss, grad_norms)
         if "loss/last" in values:
             self.loss.add_host(values["loss/last"])
         if "gradients/norm" in values:
@@ -341,34 +350,47 @@ class MonitorCore:
         findings = self.detectors.on_step(self.step, values)
         self._handle(findings, optimizer, before_step=True)
 
-    def _read_step(self, loss: torch.Tensor | None, grad: torch.Tensor | None) -> dict[str, float]:
-        """``{"loss/last": mean loss over ranks, "gradients/norm": global norm}`` on the host."""
-        names = [n for n, v in (("loss/last", loss), ("gradients/norm", grad)) if v is not None]
-        if not names:
-            return {}
-        parts = [v for v in (loss, grad) if v is not None]
-        all_reduce = active_all_reduce(self._all_reduce)
-        sharded = grad is not None and self.gradients.sharded
-        if all_reduce is None and parts[0].device.type == "cpu":
-            return {name: float(v) for name, v in zip(names, parts)}  # no device to wait for
-        packed = torch.stack([v.float().reshape(()) for v in parts])
-        if all_reduce is not None:
-            # One sum: the loss averages over ranks; a sharded gradient's shares add up to its
-            # square; whole (replicated) norms are the same on every rank, so their mean is exact.
-            scale = torch.full_like(packed, 1.0 / world_size())
-            if sharded:
-                scale[-1] = 1.0
-            packed = all_reduce(packed.double() * scale, "sum")
-        host = packed.tolist()
-        if sharded:
-            host[-1] = max(host[-1], 0.0) ** 0.5
-        return dict(zip(names, host))
+    def _read_step(self, loss: torch.Tensor | None, grad_norms: torch.Tensor | None) -> dict[str, float]:
+        """``{"loss/last": mean loss over ranks, "gradients/norm": global norm}`` on the host.
 
-    def _record_step(self, loss: torch.Tensor | None, grad: torch.Tensor | None) -> None:
+        The per-parameter gradient norms come along in the same read: the gradient probe
+        keeps them (summed over ranks) and the emission needs no device work for them.
+        """
+        all_reduce = active_all_reduce(self._all_reduce)
+        parts = []
+        if all_reduce is None:  # one process: the norms themselves, squared on the host in float64
+            if loss is not None:
+                parts.append(loss.reshape(1))
+            if grad_norms is not None:
+                parts.append(grad_norms)
+        else:  # one sum over ranks: the loss averages, the weighted squares add up to the whole model's
+            if loss is not None:
+                parts.append(loss.double().reshape(1) / world_size())
+            if grad_norms is not None:
+                parts.append(self.gradients.squares(grad_norms))
+        if not parts:
+            return {}
+        if all_reduce is None and parts[0].device.type == "cpu":
+            host = [x for part in parts for x in part.tolist()]  # no device to wait for: no concatenation
+        else:
+            packed = torch.cat(parts) if len(parts) > 1 else parts[0]
+            if all_reduce is not None:
+                packed = all_reduce(packed, "sum")
+            host = packed.tolist()
+        values = {}
+        if loss is not None:
+            values["loss/last"] = host.pop(0)
+        if grad_norms is not None:
+            squares = host if all_reduce is not None else [x * x for x in host]
+            values["gradients/norm"] = self.gradients.record_host_squares(squares)
+        return values
+
+    def _record_step(self, loss: torch.Tensor | None, grad_norms: torch.Tensor | None) -> None:
         """Detection off: keep the step's values on the device; nothing is read before emission."""
         if loss is not None:
             self.loss.add_device(loss)
-        if grad is not None:
+        if grad_norms is not None:
+            grad = self.gradients.device_norm()
             if self.gradients.sharded:  # the shares of the square must meet every step
                 grad = torch_distributed_all_reduce(grad.detach().double(), "sum").sqrt()
             self.grad_norm.add_device(grad)

@@ -52,17 +52,27 @@ def run_steps(core: MonitorCore, model, steps: int, watch: set[int]) -> dict[int
     return reads
 
 
+def identity_all_reduce(tensor, op):
+    """Stands in for a second rank: the monitor then packs what it reads into one tensor."""
+    return tensor
+
+
+@pytest.mark.parametrize("packed", [True, False], ids=["packed", "cpu"])
 @pytest.mark.parametrize("detection", [True, False])
-def test_an_unsampled_step_reads_at_most_the_loss_and_the_gradient_norm(detection):
+def test_an_unsampled_step_reads_at_most_the_loss_and_the_gradient_norms_once(detection, packed):
     torch.manual_seed(0)
     model = TinyTransformer()
+    params = sum(1 for p in model.parameters() if p.requires_grad)
     kwargs = {} if detection else {"detection": None, "intervention": None}
+    if packed:
+        kwargs["all_reduce"] = identity_all_reduce
     core = MonitorCore(model, sample_every_n_steps=16, log_every_n_steps=16, strict=True, **kwargs)
-    assert not core.is_sampled(11) and not core.is_sampled(13) and (13 + 1) % 16
-    reads = run_steps(core, model, 14, watch={11, 13})
+    assert not any(core.is_sampled(s) for s in (11, 13, 15)) and (13 + 1) % 16 and not (15 + 1) % 16
+    reads = run_steps(core, model, 16, watch={11, 13, 15})
+    # with detection: the loss and the per-parameter gradient norms, in one tensor where a device
+    # or another rank is involved (on one CPU process a read waits for nothing: loss and norms apart)
+    expected = [("tolist", 1 + params)] if packed else [("tolist", 1), ("tolist", params)]
     for step in (11, 13):
-        if detection:
-            # the two numbers the spike detectors need, from one stacked tensor where a device is involved
-            assert len(reads[step]) <= 2 and all(n == 1 for _, n in reads[step]), reads[step]
-        else:
-            assert reads[step] == [], reads[step]
+        assert reads[step] == (expected if detection else []), reads[step]
+    # an unsampled emission step: with detection its gradient signals came with the step's read already
+    assert reads[15] == (expected if detection else [("tolist", reads[15][0][1])]), reads[15]

@@ -1,10 +1,12 @@
 """Gradient probe: gradient, parameter and update norms, globally and per layer.
 
 Every step (before the optimizer step) it computes one norm per gradient tensor with a
-single fused ``_foreach_norm`` (float32 results whatever the parameter dtypes), stacks
-them and returns the global norm; nothing is read to the host here. Per-layer sums,
-parameter norms and the update-to-weight ratio are computed only when the interval is
-emitted or the step is sampled. On sampled steps it snapshots the parameters so that
+single fused ``_foreach_norm`` (float32 results whatever the parameter dtypes); nothing is
+read to the host here. The monitor reads that vector together with the loss in the one host
+read of the step when its detectors are on (``record_host_squares``): the global norm, the
+per-layer norms and their emission are then host arithmetic, with no further device work.
+Parameter norms and the update-to-weight ratio are computed only on sampled steps. On
+sampled steps it snapshots the parameters so that
 ``||theta_after - theta_before|| / ||theta_after||`` can be measured once the optimizer has
 stepped (the weight norm is the one after the step, which the emission computes anyway):
 one copy of the trainable parameters for the duration of that step.
@@ -15,6 +17,7 @@ weighted sums of squares (``stabmon.distributed``): every norm is that of the wh
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable
 
 import torch
@@ -53,10 +56,13 @@ def tensor_norms(tensors: list[torch.Tensor], device: torch.device) -> torch.Ten
     """
     if not tensors:
         return torch.zeros(0, device=device)
-    if any(t.is_sparse or t.device != device or t.dtype == torch.float64 for t in tensors):
-        # float64 norms cannot be asked for in float32 (a narrowing the fused op refuses)
-        return torch.stack([(t.coalesce().values() if t.is_sparse else t).norm().float().to(device) for t in tensors])
-    return torch.stack(torch._foreach_norm(tensors, 2, dtype=torch.float32))
+    try:  # the common case, tried first: checking each tensor's kind costs more than the norm of a small model
+        norms = torch.stack(torch._foreach_norm(tensors, 2, dtype=torch.float32))
+        if norms.device == device:
+            return norms
+    except (RuntimeError, NotImplementedError):
+        pass  # float64 (a narrowing the fused op refuses), sparse, or tensors on several devices
+    return torch.stack([(t.coalesce().values() if t.is_sparse else t).norm().float().to(device) for t in tensors])
 
 
 def _key(layer: str) -> str:
@@ -76,11 +82,11 @@ class GradientProbe:
         >>> model = torch.nn.Linear(4, 2)
         >>> model(torch.ones(3, 4)).sum().backward()
         >>> probe = GradientProbe(model.named_parameters())
-        >>> norm = probe.observe()
+        >>> norms = probe.observe()  # (2,): the weight's and the bias's gradient norms
         >>> signals = SignalSet(); probe.signals(signals, prefix="gradients")
         >>> values = signals.reduce()
         >>> full = torch.cat([p.grad.flatten() for p in model.parameters()]).norm()
-        >>> round(values["gradients/norm"], 4) == round(full.item(), 4) == round(norm.item(), 4)
+        >>> round(values["gradients/norm"], 4) == round(full.item(), 4) == round(probe.device_norm().item(), 4)
         True
     """
 
@@ -95,15 +101,18 @@ class GradientProbe:
         self.params = [p for _, p in named]
         self.layers: list[str] = list(dict.fromkeys(layer_of(n) for n in self.names))
         index = {layer: i for i, layer in enumerate(self.layers)}
+        self._layer_of_param = [index[layer_of(n)] for n in self.names]
+        self._layer_keys = [_key(layer) for layer in self.layers]
         self._device = local_tensor(self.params[0]).device if self.params else torch.device("cpu")
-        self._layer_index = torch.tensor([index[layer_of(n)] for n in self.names], dtype=torch.long,
-                                         device=self._device)
+        self._layer_index = torch.tensor(self._layer_of_param, dtype=torch.long, device=self._device)
         self.sharded = any(is_dtensor(p) for p in self.params)
         weights = [square_weight(p, world) for p in self.params]
         # None when every sum of squares counts fully (one process): the hot path skips the product.
         self._weights = (torch.tensor(weights, dtype=torch.float32, device=self._device)
                          if any(w != 1.0 for w in weights) else None)
         self._last_norms: torch.Tensor | None = None  # (P,) gradient norms of the last observed step
+        # The same step's squared norms of the whole model, on the host (summed over ranks), once read
+        self._host_squares: list[float] | None = None
         self._before: list[torch.Tensor] | None = None
         self._update_sq: torch.Tensor | None = None  # per layer: squared norm of the last sampled update
 
@@ -120,6 +129,7 @@ class GradientProbe:
     def reset(self) -> None:
         """Start a new logging interval."""
         self._last_norms = None
+        self._host_squares = None
         self._update_sq = None
 
     def _local(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -128,9 +138,8 @@ class GradientProbe:
     def observe(self) -> torch.Tensor | None:
         """Read the current gradients (call before the optimizer step).
 
-        Returns the gradient norm of the whole model: computed here when every rank holds
-        whole gradients (one process, DDP). With sharded gradients (``sharded``) it returns
-        this rank's weighted share of its square: sum that over ranks, then take the root.
+        Returns this rank's gradient norm of each trainable parameter, ``(P,)`` float32 on the
+        parameters' device (0 for a parameter without a gradient); nothing is read to the host.
         None when no parameter has a gradient.
         """
         grads = [p.grad for p in self.params]
@@ -146,9 +155,35 @@ class GradientProbe:
         else:
             norms = tensor_norms(self._local(grads), self._device)
         self._last_norms = norms
+        self._host_squares = None
+        return norms
+
+    def squares(self, norms: torch.Tensor) -> torch.Tensor:
+        """This rank's weighted squares of ``norms`` (from ``observe``), in float64: their sum
+        over the ranks is each parameter's squared gradient norm over the whole model."""
+        return self._weighted_squares(norms.double())
+
+    def device_norm(self) -> torch.Tensor:
+        """The last observed step's gradient norm of the whole model, on the device.
+
+        With sharded gradients this is this rank's weighted share of the square instead: sum
+        it over the ranks, then take the root.
+        """
+        if self._last_norms is None:
+            raise RuntimeError("GradientProbe.device_norm() needs an observe() first")
         if not self.sharded:
-            return torch.linalg.vector_norm(norms)
-        return self._weighted_squares(norms).sum()
+            return torch.linalg.vector_norm(self._last_norms)
+        return self._weighted_squares(self._last_norms).sum()
+
+    def record_host_squares(self, squares: list[float]) -> float:
+        """The last observed step's per-parameter squared norms of the whole model, read to the
+        host (summed over ranks when there are several): the emission then needs no device
+        work. Returns the global gradient norm."""
+        if len(squares) != len(self.params):
+            raise ValueError(f"`squares` must hold one value per trainable parameter ({len(self.params)}), "
+                             f"got {len(squares)}")
+        self._host_squares = squares
+        return math.sqrt(sum(squares))
 
     def _weighted_squares(self, norms: torch.Tensor) -> torch.Tensor:
         squares = norms.square()
@@ -176,11 +211,19 @@ class GradientProbe:
         weights move slowly, and reading them all costs as much as reading the gradients)."""
         if self._last_norms is None:
             return
-        grad_layers = self._per_layer(self._weighted_squares(self._last_norms))
-        out.add_norm(f"{prefix}/norm", grad_layers.sum())
-        keys = [_key(layer) for layer in self.layers] if per_layer else []
-        if per_layer:
-            out.add_norm([f"{prefix}/norm/{k}" for k in keys], grad_layers)
+        keys = [f"{prefix}/norm/{k}" for k in self._layer_keys] if per_layer else []
+        if self._host_squares is not None:  # already read (and reduced over ranks): host arithmetic only
+            layer_squares = [0.0] * len(self.layers)
+            for layer, square in zip(self._layer_of_param, self._host_squares):
+                layer_squares[layer] += square
+            out.add_host(f"{prefix}/norm", math.sqrt(sum(layer_squares)), op=None)
+            for key, square in zip(keys, layer_squares):
+                out.add_host(key, math.sqrt(square), op=None)
+        else:
+            grad_layers = self._per_layer(self._weighted_squares(self._last_norms))
+            out.add_norm(f"{prefix}/norm", grad_layers.sum())
+            if per_layer:
+                out.add_norm(keys, grad_layers)
         if not parameters:
             return
         weights = self._per_layer(self._weighted_squares(
@@ -189,6 +232,6 @@ class GradientProbe:
         if self._update_sq is not None:
             out.add_ratio("update/ratio", self._update_sq.sum(), weights.sum())
         if per_layer:
-            out.add_norm([f"params/norm/{k}" for k in keys], weights)
+            out.add_norm([f"params/norm/{k}" for k in self._layer_keys], weights)
             if self._update_sq is not None:
-                out.add_ratio([f"update/ratio/{k}" for k in keys], self._update_sq, weights)
+                out.add_ratio([f"update/ratio/{k}" for k in self._layer_keys], self._update_sq, weights)

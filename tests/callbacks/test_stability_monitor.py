@@ -4,7 +4,7 @@ import warnings
 import pytest
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint
+from pytorch_lightning.callbacks import EarlyStopping, LearningRateMonitor, ModelCheckpoint
 from pytorch_lightning.loggers import CSVLogger, Logger
 
 import stabmon
@@ -235,6 +235,35 @@ def test_works_next_to_stock_callbacks_and_csv_logger(tmp_path):
     header = (tmp_path / "lightning_logs" / "version_0" / "metrics.csv").read_text().splitlines()[0]
     assert "stabmon-attention/entropy_min/layer_00" in header and "lr-SGD" in header
     assert trainer.checkpoint_callback.best_model_path
+
+
+class LoggingTinyLM(TinyLM):
+    def training_step(self, batch, batch_idx):
+        loss = super().training_step(batch, batch_idx)
+        self.log("train_loss", loss)
+        return loss
+
+
+def test_checkpoint_and_early_stopping_read_the_values_of_the_step_next_to_the_modules_own(tmp_path):
+    """The values go into the dict behind ``trainer.callback_metrics`` at every emission: a
+    per-step ModelCheckpoint sees the step's value, EarlyStopping stops on it, and the
+    module's own ``self.log`` keys are there as well."""
+    seen = []
+
+    class Reader(pl.Callback):  # after the monitor in the callback list, as ModelCheckpoint is
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            seen.append((monitor.latest_metrics["loss/last"], float(trainer.callback_metrics["stabmon-loss/last"])))
+
+    monitor = StabilityMonitor(sample_every_n_steps=4, log_every_n_steps=1, verbose=False)
+    stopper = EarlyStopping(monitor="stabmon-gradients/norm", stopping_threshold=1e9, check_on_train_epoch_end=True)
+    trainer = fit(LoggingTinyLM(), token_loader(), monitor, max_steps=6, log_every_n_steps=1,
+                  callbacks=[Reader(), stopper,
+                             ModelCheckpoint(dirpath=tmp_path, monitor="stabmon-loss/last", every_n_train_steps=1)],
+                  enable_checkpointing=True)
+    assert len(seen) == 6 and all(a == pytest.approx(b) for a, b in seen)
+    assert trainer.checkpoint_callback.best_model_score.item() == pytest.approx(min(a for a, _ in seen))
+    assert trainer.should_stop and stopper.stopped_epoch == 0  # every norm is below 1e9: the threshold stops it
+    assert "train_loss" in trainer.callback_metrics and "stabmon-gradients/norm" in trainer.callback_metrics
 
 
 def test_state_dict_round_trip(tmp_path):

@@ -57,7 +57,8 @@ def test_norms_match_manual_computation_and_frozen_params_are_left_out():
     norms, observed = [], []
     for seed in range(3):
         backward(net, seed)
-        observed.append(probe.observe().item())
+        probe.observe()
+        observed.append(probe.device_norm().item())
         norms.append(torch.cat([p.grad.flatten() for p in net.parameters() if p.grad is not None]).norm().item())
     got = reduce(probe, prefix="gradients")
     assert observed == pytest.approx(norms, rel=1e-5)
@@ -128,8 +129,11 @@ def test_a_nan_gradient_gives_a_nan_norm():
     probe = GradientProbe(net.named_parameters())
     backward(net)
     net.head.weight.grad[0, 0] = float("nan")
-    assert math.isnan(probe.observe().item())
+    probe.observe()
+    assert math.isnan(probe.device_norm().item())
     assert math.isnan(reduce(probe, prefix="g")["g/norm"])  # the step's norm is reported as it is
+    assert math.isnan(probe.record_host_squares(probe.squares(probe.observe()).tolist()))
+    assert math.isnan(reduce(probe, prefix="g")["g/norm"])
 
 
 def test_no_trainable_parameters():
@@ -143,4 +147,30 @@ def test_parameters_without_a_gradient_count_as_zero():
     backward(net)
     net.blocks[0].bias.grad = None
     full = torch.cat([p.grad.flatten() for p in net.parameters() if p.grad is not None]).norm().item()
-    assert math.isclose(probe.observe().item(), full, rel_tol=1e-6)
+    norms = probe.observe()
+    assert norms[1].item() == 0.0
+    assert math.isclose(probe.device_norm().item(), full, rel_tol=1e-6)
+
+
+def test_host_squares_give_the_same_signals_as_the_device_path_without_device_work():
+    net = Net()
+    probe = GradientProbe(net.named_parameters())
+    backward(net, seed=3)
+    norms = probe.observe()
+    on_device = reduce(probe, prefix="gradients", parameters=False)
+    norm = probe.record_host_squares([x * x for x in norms.double().tolist()])
+    out = SignalSet()
+    probe.signals(out, prefix="gradients", parameters=False)
+    assert out._entries == []  # every value is a host float: the emission reads nothing
+    on_host = out.reduce()
+    assert on_host.keys() == on_device.keys() == {"gradients/norm", "gradients/norm/blocks_0",
+                                                  "gradients/norm/blocks_1", "gradients/norm/head"}
+    full = torch.cat([p.grad.flatten() for p in net.parameters() if p.grad is not None]).double().norm().item()
+    assert norm == pytest.approx(full, rel=1e-6) and on_host["gradients/norm"] == pytest.approx(full, rel=1e-6)
+    for key in on_device:
+        assert on_host[key] == pytest.approx(on_device[key], rel=1e-6)
+    with pytest.raises(ValueError, match="one value per trainable parameter"):
+        probe.record_host_squares([1.0])
+    probe.observe()  # a new step forgets the host values of the last one
+    assert reduce(probe, prefix="gradients", parameters=False) == pytest.approx(on_device, rel=1e-6)
+
