@@ -20,7 +20,9 @@ also not emitting), and "sampled step" on the sampled ones (their mean over the 
 The floor: reading every gradient once, timed where the monitor reads them (after the
 backward) in a fit without the monitor (``GradientReadTimer``): the fused per-tensor norms
 the monitor uses, and one norm over a single contiguous buffer of the same size. No per-step
-gradient norm can cost less. ``--floor=no`` skips it.
+gradient norm can cost less. It also times ``float()`` of a scalar twice at that point: on a
+CPU the backward leaves the caches cold, and the first Python there runs several times slower
+than the same call a moment later. ``--floor=no`` skips it.
 
 Models: ``example`` (the example GPT, context 128) and ``small`` (the same GPT at context
 32: a short step, where a fixed per-step cost shows most). Cadences: the Trainer's default
@@ -222,10 +224,18 @@ class GradientReadTimer(pl.Callback):
     Trainer's ``on_before_optimizer_step``, right after the backward), with no monitor."""
 
     def __init__(self) -> None:
-        self.seconds: dict[str, list[float]] = {"foreach_norm": [], "flat_norm": []}
+        self.seconds: dict[str, list[float]] = {"foreach_norm": [], "flat_norm": [], "first_float": [],
+                                                "second_float": []}
         self._flat: torch.Tensor | None = None
+        self._scalar = torch.ones(())
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer):  # noqa: ANN001
+        # The same host read twice: on a CPU the first Python after the backward runs with the
+        # caches the backward left cold; the second shows what the code itself costs.
+        for name in ("first_float", "second_float"):
+            start = time.perf_counter()
+            float(self._scalar)
+            self.seconds[name].append(time.perf_counter() - start)
         grads = [p.grad for p in pl_module.parameters() if p.grad is not None]
         if self._flat is None:
             self._flat = torch.zeros(sum(g.numel() for g in grads), device=grads[0].device)
@@ -307,7 +317,8 @@ def main(argv: list[str]) -> None:
             f = floors[model]
             print(f"{model}: reading every gradient once where the monitor does (median in a fit without it): "
                   f"foreach_norm {f['foreach_norm']:.3f} ms, one flat buffer of the same size {f['flat_norm']:.3f} ms "
-                  f"(step {f['step']:.1f} ms)", flush=True)
+                  f"(step {f['step']:.1f} ms); float() of a scalar there: first {1000 * f['first_float']:.1f} us, "
+                  f"second {1000 * f['second_float']:.1f} us", flush=True)
     memory_steps = int(opts.get("memory_steps", 40))
     rss_names = [n for n in names if SETUPS[n].model == "example"]
     rss = {name: peak_rss(name, memory_steps) for name in ["off", *rss_names]} if rss_names else {}
