@@ -7,7 +7,9 @@ Providers for attention statistics: ``stabmon`` (``stabmon.kernels.attention_sta
 Triton on CUDA, the blocked torch path elsewhere), ``naive`` (scores, softmax, entropy
 in torch: materialises the ``L x L`` matrix) and ``sdpa`` (the
 ``F.scaled_dot_product_attention`` forward that the monitor watches, for scale). For logit
-statistics: ``stabmon`` vs ``three`` torch reductions (max, logsumexp, softmax entropy).
+statistics: ``stabmon`` vs ``three`` torch reductions (max, logsumexp, softmax entropy),
+and its bandwidth (the logits read once) against a device-to-device copy of the same tensor
+in the same run and, for the GPUs in ``HBM_PEAK``, against the data-sheet HBM bandwidth.
 Times are the median of ``triton.testing.do_bench`` on CUDA, else the best of 5 runs of
 ``--reps`` calls with the providers alternated; memory is the peak allocated during the
 call (CUDA) or, on the CPU, the analytic size of the score and probability buffers (naive:
@@ -56,6 +58,18 @@ def timed(fn, reps: int) -> float:
     for _ in range(reps):
         fn()
     return (time.perf_counter() - start) / reps
+
+
+# Data-sheet HBM bandwidth by device name (bytes/s); the "device copy" column needs none.
+HBM_PEAK = {"H200": 4.8e12, "H100 80GB HBM3": 3.35e12, "H100 PCIe": 2.0e12, "H100 NVL": 3.9e12, "A100-SXM4-80GB": 2.04e12,
+            "A100-SXM4-40GB": 1.555e12, "A100-PCIE-40GB": 1.555e12, "A100 80GB PCIe": 1.935e12}
+
+
+def hbm_peak_bytes_per_second() -> float | None:
+    if not CUDA:
+        return None
+    name = torch.cuda.get_device_name()
+    return next((peak for key, peak in HBM_PEAK.items() if key in name), None)
 
 
 def peak_bytes(fn) -> float:
@@ -118,13 +132,22 @@ def main(argv: list[str]) -> None:
     rows = []
     for n, vocab in logit_shapes:
         x = torch.randn(n, vocab, device=device, dtype=dtype, generator=gen) * 4
-        t = compare({"stabmon": lambda: logit_stats(x), "three": lambda: three_reductions(x)}, reps=3, rounds=5)
-        results.append({"logits": [n, vocab], "seconds": t})
+        copy = torch.empty_like(x)
+        t = compare({"stabmon": lambda: logit_stats(x), "three": lambda: three_reductions(x),
+                     "copy": lambda: copy.copy_(x)}, reps=3, rounds=5)
+        logit_bytes = x.numel() * x.element_size()
+        # the kernel reads the logits once: its bandwidth against a device copy's (read + write) in this run
+        read_bw, copy_bw = logit_bytes / t["stabmon"], 2 * logit_bytes / t["copy"]
+        spec = hbm_peak_bytes_per_second()
+        results.append({"logits": [n, vocab], "seconds": t, "read_bytes_per_s": read_bw, "copy_bytes_per_s": copy_bw,
+                        "hbm_peak_bytes_per_s": spec})
         rows.append([f"{n} x {vocab}", f"{1000 * t['stabmon']:.2f}", f"{1000 * t['three']:.2f}",
-                     f"{t['three'] / t['stabmon']:.2f}"])
+                     f"{t['three'] / t['stabmon']:.2f}", f"{read_bw / 1e9:.0f}", f"{read_bw / copy_bw:.0%}",
+                     f"{read_bw / spec:.0%}" if spec else "-"])
         print(rows[-1], flush=True)
-        x = None
-    logit_table = markdown_table(["logits", "stabmon ms", "three torch reductions ms", "speed-up"], rows)
+        x = copy = None
+    logit_table = markdown_table(["logits", "stabmon ms", "three torch reductions ms", "speed-up", "stabmon GB/s",
+                                  "of a device copy's GB/s", "of the HBM peak"], rows)
     print(attn_table)
     print()
     print(logit_table)
