@@ -31,6 +31,9 @@ monitor's emission is timed and the logger's own I/O is not). ``all``: attention
 probes and emission every step, sharpness every 10 steps. ``compiled``: the small model under
 ``torch.compile`` (inductor); its row also gives the graphs Dynamo compiled with the monitor
 against a run without it (``torch._dynamo.utils.counters["stats"]["unique_graphs"]``).
+``monitor-clips``: the monitor clips the gradients (``clip_grad_norm``) in the "on" blocks and
+the Trainer (``gradient_clip_val``, as in every other row) in the "off" blocks: what moving the
+clip into the monitor saves, since the Trainer's clip reads every gradient once more.
 
 On CUDA, ``syncs / unsampled step`` counts the host-device synchronizations the monitor's
 hooks make on an unsampled step (``torch.cuda.set_sync_debug_mode("warn")``). Peak memory:
@@ -68,6 +71,7 @@ class Setup:
     log_every: int  # the Trainer's log_every_n_steps
     monitor: dict[str, Any] = field(default_factory=dict)
     compiled: bool = False
+    monitor_clips: bool = False  # the monitor clips (clip_grad_norm) in place of the Trainer's gradient_clip_val
 
 
 SETUPS = {
@@ -77,6 +81,7 @@ SETUPS = {
     "small-default-log50": Setup("small", 50),
     "small-default-log1": Setup("small", 1),
     "small-compiled": Setup("small", 50, compiled=True),
+    "small-monitor-clips": Setup("small", 50, monitor_clips=True),
 }
 BLOCK = {"example": 128, "small": 32}
 
@@ -143,6 +148,8 @@ class TimedSegmentedMonitor(StabilityMonitor):
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):  # noqa: ANN001
         self._step = trainer.global_step
         self._on = self.is_on(self._step)
+        if self.settings.clip_grad_norm is not None:  # one of the two clips, never both, never neither
+            trainer.gradient_clip_val = None if self._on else self.settings.clip_grad_norm
         self._timed("on_train_batch_start", trainer, pl_module, batch, batch_idx)
 
     def on_before_backward(self, trainer, pl_module, loss):  # noqa: ANN001
@@ -183,9 +190,12 @@ def run_once(example, setup: Setup, steps: int, segment: int, warmup: int,  # no
     if count_graphs:  # a fresh Dynamo cache: every graph of this fit is counted
         torch._dynamo.reset()
     graphs_before = _graphs() if count_graphs else 0
-    monitor = TimedSegmentedMonitor(segment, verbose=False, **setup.monitor)
+    clip = {"clip_grad_norm": example.Config().grad_clip} if setup.monitor_clips else {}
+    monitor = TimedSegmentedMonitor(segment, verbose=False, **setup.monitor, **clip)
     timer = StepTimer()
-    _fit(example, setup, steps, [monitor, timer])
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*clip the gradients")  # the Trainer clips in the "off" blocks
+        _fit(example, setup, steps, [monitor, timer])
     on, off, on_steps, on_unsampled = [], [], [], []
     for i, t in enumerate(timer.times, start=1):  # times[i - 1] is the step with global_step i
         if not monitor.counted(i, warmup):

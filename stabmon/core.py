@@ -19,13 +19,14 @@ same from a hand-written loop::
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable
 from typing import Any
 
 import torch
 
 from stabmon._failsoft import FailSoft
-from stabmon._validation import check_bool, check_optional_instance, check_positive_int
+from stabmon._validation import check_bool, check_optional_instance, check_positive_float, check_positive_int
 from stabmon.detectors import DetectionConfig, Finding
 from stabmon.interventions import Action, EscalationPolicy, InterventionConfig, LRController, QKClipper, Snapshotter
 from stabmon.interventions.lr import scale_lr_for_next_step
@@ -73,6 +74,11 @@ class MonitorCore:
             process group is initialised, else none.
         compiled_probe_rows: on a ``torch.compile``-d model, the rows of the current batch the
             eager probe forward (``run_probe``) sees. Default 4.
+        clip_grad_norm: clip the gradients to this global L2 norm in ``before_optimizer_step``,
+            as ``torch.nn.utils.clip_grad_norm_`` does (bit-identical for float32 gradients),
+            from the norms the monitor has just read: one pass over the gradients per step
+            for the statistics and the clip, where a trainer's own clipping would read them
+            all again. Use it instead of the trainer's clipping. Default None (no clipping).
 
     Example:
         >>> model = torch.nn.Linear(4, 3)
@@ -104,8 +110,14 @@ class MonitorCore:
         strict: bool = False,
         all_reduce: AllReduce | None = torch_distributed_all_reduce,
         compiled_probe_rows: int = 4,
+        clip_grad_norm: float | None = None,
     ) -> None:
         check_positive_int("sample_every_n_steps", sample_every_n_steps)
+        if clip_grad_norm is not None:
+            check_positive_float("clip_grad_norm", clip_grad_norm)
+        if clip_grad_norm is not None and not gradients:
+            raise ValueError("`clip_grad_norm` clips from the gradient norms the monitor reads: it needs `gradients=True`")
+        self.clip_grad_norm = float(clip_grad_norm) if clip_grad_norm is not None else None
         check_positive_int("log_every_n_steps", log_every_n_steps)
         check_positive_int("compiled_probe_rows", compiled_probe_rows)
         self.compiled_probe_rows = compiled_probe_rows
@@ -143,6 +155,7 @@ class MonitorCore:
         self._optimizer: torch.optim.Optimizer | None = None
         self._step_losses: list[torch.Tensor] = []  # the micro-batches' losses of the current step
         self._step_skipped = False
+        self._step_grad_norm: float | torch.Tensor = math.nan  # the whole model's, of the current step
         self._compiled: bool | None = None  # found out at the first step (the model may be compiled late)
         self._last_finding_step = -(10**9)
         self._restore_lr = lambda: None
@@ -325,10 +338,42 @@ class MonitorCore:
             self.guard.run("detection", self._detect_step, loss, grad_norms, optimizer)
         else:
             self.guard.run("signals", self._record_step, loss, grad_norms)
+        if self.clip_grad_norm is not None and not self._step_skipped:
+            self._clip_gradients(grad_norms)
         if self.sampled and self.gradients is not None and not self.gradients.empty:
             self.guard.run("gradient probe", self.gradients.snapshot_parameters)
         if optimizer is not None and not self.observe_only and self.step is not None:
             self._restore_lr = scale_lr_for_next_step(optimizer, self.lr_control.factor(self.step))
+
+    def _clip_gradients(self, grad_norms: torch.Tensor | None) -> None:
+        """``clip_grad_norm_`` from the norms already read: coefficient ``min(1, max / (norm + 1e-6))``
+        on the device, one in-place multiply per (device, dtype) group. Outside the fail-soft
+        guard: clipping is part of the run's arithmetic, so on any error the gradients are clipped
+        by ``torch.nn.utils.clip_grad_norm_`` itself rather than left unclipped."""
+        probe = self.gradients
+        try:
+            if grad_norms is None:  # the probe read nothing (no gradient, or it was disabled by a fault)
+                raise RuntimeError("no gradient norms were read this step")
+            if probe.sharded:  # the whole model's norm: the host value of this step's read, or its all-reduce
+                total = self._step_grad_norm
+                total = total if isinstance(total, torch.Tensor) else torch.tensor(total, device=grad_norms.device)
+            else:
+                total = torch.linalg.vector_norm(grad_norms)  # what clip_grad_norm_ computes, to the bit
+            coef = torch.clamp(self.clip_grad_norm / (total + 1e-6), max=1.0)
+            groups: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = {}
+            for grad in (p.grad for p in probe.params):
+                if grad is not None:
+                    local = probe._local([grad])[0]
+                    groups.setdefault((local.device, local.dtype), []).append(local)
+            for (device, _), grads in groups.items():
+                torch._foreach_mul_(grads, coef.to(device))
+        except Exception as err:
+            if self.guard.strict and grad_norms is not None:
+                raise
+            if any(p.grad is not None for p in self.model.parameters()):
+                self.guard.warn_once("clip fallback", f"stabmon: clipping from the monitor's norms failed ({err}); "
+                                                      "torch.nn.utils.clip_grad_norm_ clips instead")
+                torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.clip_grad_norm)
 
     def _step_loss(self) -> torch.Tensor | None:
         """The step's loss: the one micro-batch loss, or their mean under gradient accumulation."""
@@ -347,6 +392,7 @@ class MonitorCore:
             self.loss.add_host(values["loss/last"])
         if "gradients/norm" in values:
             self.grad_norm.add_host(values["gradients/norm"])
+            self._step_grad_norm = values["gradients/norm"]
         findings = self.detectors.on_step(self.step, values)
         self._handle(findings, optimizer, before_step=True)
 
@@ -394,6 +440,7 @@ class MonitorCore:
             if self.gradients.sharded:  # the shares of the square must meet every step
                 grad = torch_distributed_all_reduce(grad.detach().double(), "sum").sqrt()
             self.grad_norm.add_device(grad)
+            self._step_grad_norm = grad
 
     def _handle(self, findings: list[Finding], optimizer: torch.optim.Optimizer | None, before_step: bool) -> None:
         step = self.step

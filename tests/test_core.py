@@ -76,3 +76,69 @@ def test_an_unsampled_step_reads_at_most_the_loss_and_the_gradient_norms_once(de
         assert reads[step] == (expected if detection else []), reads[step]
     # an unsampled emission step: with detection its gradient signals came with the step's read already
     assert reads[15] == (expected if detection else [("tolist", reads[15][0][1])]), reads[15]
+
+
+def _train(core_kwargs, clip_in_loop, steps=6, lr=0.5):
+    torch.manual_seed(0)
+    model = TinyTransformer()
+    core = MonitorCore(model, sample_every_n_steps=4, log_every_n_steps=2, **{"strict": True, **core_kwargs})
+    opt = torch.optim.SGD(model.parameters(), lr=lr)
+    gen = torch.Generator().manual_seed(0)
+    for step in range(steps):
+        tokens = torch.randint(32, (4, 9), generator=gen)
+        core.start_step(step)
+        loss = F.cross_entropy(model(tokens[:, :-1]).reshape(-1, 32), tokens[:, 1:].reshape(-1)) * 50
+        core.end_forward()
+        core.observe_loss(loss)
+        loss.backward()
+        core.before_optimizer_step(optimizer=opt)
+        if clip_in_loop is not None:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), clip_in_loop)
+        opt.step()
+        opt.zero_grad()
+        core.after_optimizer_step()
+        core.end_step()
+    return model, core
+
+
+@pytest.mark.parametrize("detection", [True, False])
+def test_clipping_from_the_monitors_norms_is_clip_grad_norm_to_the_bit(detection):
+    kwargs = {} if detection else {"detection": None, "intervention": None}
+    reference, _ = _train(kwargs, clip_in_loop=0.3)
+    clipped, core = _train({**kwargs, "clip_grad_norm": 0.3}, clip_in_loop=None)
+    unclipped, _ = _train(kwargs, clip_in_loop=None)
+    for a, b, c in zip(reference.parameters(), clipped.parameters(), unclipped.parameters()):
+        assert torch.equal(a, b)
+    assert any(not torch.equal(a, c) for a, c in zip(reference.parameters(), unclipped.parameters()))  # it did clip
+    assert core.summary.extremes["gradients/norm_max"] > 0.3  # the statistics are those before the clip
+
+
+def test_clipping_falls_back_to_clip_grad_norm_when_the_probe_read_nothing():
+    reference, _ = _train({}, clip_in_loop=0.3, steps=3)
+    torch.manual_seed(0)
+    model, core = _train({"clip_grad_norm": 0.3, "strict": False}, clip_in_loop=None, steps=0)
+    core.guard.disabled["gradient probe"] = "a fault"  # the probe is off: its norms never come
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    gen = torch.Generator().manual_seed(0)
+    with pytest.warns(UserWarning, match="clip_grad_norm_ clips instead"):
+        for step in range(3):
+            tokens = torch.randint(32, (4, 9), generator=gen)
+            core.start_step(step)
+            loss = F.cross_entropy(model(tokens[:, :-1]).reshape(-1, 32), tokens[:, 1:].reshape(-1)) * 50
+            core.end_forward()
+            core.observe_loss(loss)
+            loss.backward()
+            core.before_optimizer_step(optimizer=opt)
+            opt.step()
+            opt.zero_grad()
+            core.after_optimizer_step()
+            core.end_step()
+    for a, b in zip(reference.parameters(), model.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_clip_grad_norm_is_checked():
+    with pytest.raises(ValueError, match="`clip_grad_norm` must be a positive finite number"):
+        MonitorCore(TinyTransformer(), clip_grad_norm=0.0)
+    with pytest.raises(ValueError, match="needs `gradients=True`"):
+        MonitorCore(TinyTransformer(), clip_grad_norm=1.0, gradients=False)

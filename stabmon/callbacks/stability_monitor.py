@@ -73,6 +73,11 @@ class StabilityMonitor(MonitorOutputs, *CALLBACK_BASES):
             sampled steps (and on every step while a QK-clip layer is armed) the probes run on
             an eager forward of the original modules over the first ``compiled_probe_rows``
             rows of the batch, without gradients, before the training step. Default 4.
+        clip_grad_norm: clip the gradients to this global L2 norm, in place of the Trainer's
+            ``gradient_clip_val`` (leave that unset): the same arithmetic as
+            ``torch.nn.utils.clip_grad_norm_`` (bit-identical for float32 gradients), done from the
+            norms the monitor reads anyway, so each step reads its gradients once instead of
+            twice. Clips the unscaled gradients under mixed precision, like the Trainer. Default None.
         log_key_prefix: prefix of every logged key. Default ``"stabmon"``.
         verbose: print the summary at the end of the fit (rank 0). Default True.
         strict: re-raise errors inside the monitor instead of disabling the failing part
@@ -139,6 +144,7 @@ class StabilityMonitor(MonitorOutputs, *CALLBACK_BASES):
         gradients: bool = True,
         per_layer: bool = True,
         compiled_probe_rows: int = 4,
+        clip_grad_norm: float | None = None,
         log_key_prefix: str = "stabmon",
         verbose: bool = True,
         strict: bool | None = None,
@@ -149,6 +155,7 @@ class StabilityMonitor(MonitorOutputs, *CALLBACK_BASES):
             detection=detection, intervention=intervention, alerts=alerts,
             wandb_heatmap_every_n_steps=wandb_heatmap_every_n_steps, attention=attention, logits=logits,
             gradients=gradients, per_layer=per_layer, compiled_probe_rows=compiled_probe_rows,
+            clip_grad_norm=clip_grad_norm,
             log_key_prefix=log_key_prefix, verbose=verbose, strict=strict,
         )
         self.sample_every_n_steps = settings.sample_every_n_steps
@@ -180,6 +187,11 @@ class StabilityMonitor(MonitorOutputs, *CALLBACK_BASES):
                 "sharpness manual", "stabmon: the sharpness probe needs automatic optimization; it is off for this run."
             )
             self.core.sharpness = None
+        if self.settings.clip_grad_norm is not None and trainer.gradient_clip_val:
+            self.core.guard.warn_once(
+                "clip twice", f"stabmon: both `clip_grad_norm={self.settings.clip_grad_norm}` and the Trainer's "
+                f"`gradient_clip_val={trainer.gradient_clip_val}` clip the gradients; the Trainer's then reads them all "
+                "again for nothing it changes. Set one of them.")
         if self._pending_state is not None:
             self.core.load_state_dict(self._pending_state)
             self._pending_state = None

@@ -266,6 +266,23 @@ def test_checkpoint_and_early_stopping_read_the_values_of_the_step_next_to_the_m
     assert "train_loss" in trainer.callback_metrics and "stabmon-gradients/norm" in trainer.callback_metrics
 
 
+def test_the_monitor_clips_as_the_trainer_would():
+    """``clip_grad_norm`` in place of the Trainer's ``gradient_clip_val``: the same parameters to
+    the bit, and the Trainer warns nobody; with both set, one warning says to set one."""
+    runs = {}
+    for name, monitor_clip, trainer_clip in (("trainer", None, 0.05), ("monitor", 0.05, None), ("none", None, None)):
+        pl.seed_everything(0)
+        module = TinyLM(lr=0.5)
+        fit(module, token_loader(), StabilityMonitor(sample_every_n_steps=3, clip_grad_norm=monitor_clip, verbose=False),
+            max_steps=5, gradient_clip_val=trainer_clip)
+        runs[name] = [p.detach().clone() for p in module.parameters()]
+    assert all(torch.equal(a, b) for a, b in zip(runs["trainer"], runs["monitor"]))
+    assert not all(torch.equal(a, b) for a, b in zip(runs["trainer"], runs["none"]))  # the clip mattered
+    with pytest.warns(UserWarning, match="clip the gradients; the Trainer's then reads them all again"):
+        fit(TinyLM(), token_loader(), StabilityMonitor(clip_grad_norm=1.0, verbose=False), max_steps=1,
+            gradient_clip_val=1.0)
+
+
 def test_state_dict_round_trip(tmp_path):
     monitor = StabilityMonitor(sample_every_n_steps=2, verbose=False)
     fit(TinyLM(), token_loader(), monitor, max_steps=4)
