@@ -2,11 +2,13 @@
 ``fully_shard`` (FSDP2) over 2 gloo ranks, or the same model unsharded in one process on the
 same data (both ranks' batches side by side). Writes one JSON record per process.
 
-    python fsdp_run.py OUT_DIR [fsdp | single] [--spike] [--nan] [--clip] [--dcp]
+    python fsdp_run.py OUT_DIR [fsdp | single] [--spike] [--nan] [--clip] [--dcp] [--sgd] [--gradclip]
 
 --spike multiplies rank 1's loss by 1000 at step 15, --nan makes it NaN at steps 11 and 12 (a
 rollback to the snapshot of step 10), --clip starts with large attention logits and QK-clip at
-tau = 4, --dcp keeps the snapshots on disk (torch.distributed.checkpoint when sharded).
+tau = 4, --dcp keeps the snapshots on disk (torch.distributed.checkpoint when sharded),
+--sgd trains with SGD (lr 0.5), whose steps scale with the gradient (Adam's hardly do), and
+--gradclip has the monitor clip the gradients to a global norm of 0.05 (``clip_grad_norm``).
 """
 
 from __future__ import annotations
@@ -59,7 +61,7 @@ def train(out_dir: str, mode: str, flags: set[str], rank: int) -> None:
         for block in model.blocks:
             fully_shard(block)
         fully_shard(model)
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    opt = torch.optim.SGD(model.parameters(), lr=0.5) if "--sgd" in flags else torch.optim.AdamW(model.parameters(), lr=3e-3)
     ranks = [rank] if sharded else list(range(WORLD))
     held = [batch(0, r) for r in ranks]
     held_x, held_y = torch.cat([x for x, _ in held]), torch.cat([y for _, y in held])
@@ -70,6 +72,7 @@ def train(out_dir: str, mode: str, flags: set[str], rank: int) -> None:
 
     core = MonitorCore(
         model, sample_every_n_steps=5, log_every_n_steps=5, strict=True,
+        clip_grad_norm=0.05 if "--gradclip" in flags else None,
         sharpness=SharpnessConfig(every_n_steps=10, hvp_mode="finite_difference", iters=12, tol=1e-3),
         detection=DetectionConfig(spike_warmup=8, spike_window=50),
         intervention=InterventionConfig(qk_clip_tau=4.0 if "--clip" in flags else None, snapshot_every_n_steps=5,

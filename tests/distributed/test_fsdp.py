@@ -30,8 +30,8 @@ def plain(tmp_path_factory):
     return run(out, "fsdp"), run(out, "single")[0]
 
 
-def test_norms_equal_those_of_the_unsharded_model(plain):
-    (rank0, rank1), single = plain
+def assert_norms_equal(ranks, single):
+    rank0, rank1 = ranks
     compared = 0
     for step, reference in single["metrics"].items():
         for key, value in reference.items():
@@ -41,6 +41,21 @@ def test_norms_equal_those_of_the_unsharded_model(plain):
                 compared += 1
         assert rank0["metrics"][step] == rank1["metrics"][step]  # every rank logs the same values
     assert compared > 200 and any("/norm/blocks_1" in k for k in single["metrics"]["0"])
+
+
+def test_norms_equal_those_of_the_unsharded_model(plain):
+    assert_norms_equal(*plain)
+
+
+def test_the_monitor_clips_sharded_gradients_as_the_unsharded_ones(tmp_path):
+    # SGD: each step is the clipped gradient itself, so a wrong clip coefficient moves the parameters
+    sharded, single = run(tmp_path, "fsdp", "--sgd", "--gradclip"), run(tmp_path, "single", "--sgd", "--gradclip")[0]
+    assert_norms_equal(sharded, single)  # clipped by the whole model's norm on every rank
+    unclipped = run(tmp_path, "single", "--sgd")[0]
+    clipped_update, free_update = single["metrics"]["20"]["update/ratio"], unclipped["metrics"]["20"]["update/ratio"]
+    assert clipped_update < 0.5 * free_update, (clipped_update, free_update)
+    # the logged gradient norm is the one before the clip (far above 0.05)
+    assert min(m["gradients/norm"] for m in single["metrics"].values()) > 0.05
 
 
 def test_sharpness_from_finite_differences_on_the_sharded_model(plain):
