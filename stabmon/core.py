@@ -19,7 +19,6 @@ same from a hand-written loop::
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Callable
 from typing import Any
 
@@ -41,9 +40,19 @@ from stabmon.probes.sharpness import SharpnessConfig, SharpnessProbe, _buffers_p
 from stabmon.report import RunSummary
 from stabmon.signals import AllReduce, SignalSet, active_all_reduce, torch_distributed_all_reduce, world_size
 
-__all__ = ["MonitorCore"]
+__all__ = ["MonitorCore", "check_clip_grad_norm"]
 
 log = logging.getLogger("stabmon")
+
+
+def check_clip_grad_norm(clip_grad_norm: float | None, gradients: bool) -> None:
+    """Raise ``ValueError`` unless ``clip_grad_norm`` is None or a positive number with the
+    gradient probe on (the clip uses the norms it reads)."""
+    if clip_grad_norm is None:
+        return
+    check_positive_float("clip_grad_norm", clip_grad_norm)
+    if not gradients:
+        raise ValueError("`clip_grad_norm` clips from the gradient norms the monitor reads: it needs `gradients=True`")
 
 
 class MonitorCore:
@@ -113,10 +122,7 @@ class MonitorCore:
         clip_grad_norm: float | None = None,
     ) -> None:
         check_positive_int("sample_every_n_steps", sample_every_n_steps)
-        if clip_grad_norm is not None:
-            check_positive_float("clip_grad_norm", clip_grad_norm)
-        if clip_grad_norm is not None and not gradients:
-            raise ValueError("`clip_grad_norm` clips from the gradient norms the monitor reads: it needs `gradients=True`")
+        check_clip_grad_norm(clip_grad_norm, gradients)
         self.clip_grad_norm = float(clip_grad_norm) if clip_grad_norm is not None else None
         check_positive_int("log_every_n_steps", log_every_n_steps)
         check_positive_int("compiled_probe_rows", compiled_probe_rows)
@@ -155,7 +161,7 @@ class MonitorCore:
         self._optimizer: torch.optim.Optimizer | None = None
         self._step_losses: list[torch.Tensor] = []  # the micro-batches' losses of the current step
         self._step_skipped = False
-        self._step_grad_norm: float | torch.Tensor = math.nan  # the whole model's, of the current step
+        self._step_grad_norm: float | torch.Tensor | None = None  # the whole model's, this step (None: not read)
         self._compiled: bool | None = None  # found out at the first step (the model may be compiled late)
         self._last_finding_step = -(10**9)
         self._restore_lr = lambda: None
@@ -334,6 +340,7 @@ class MonitorCore:
         if optimizer is not None:
             self._optimizer = optimizer
         loss, self._step_losses = self._step_loss(), []
+        self._step_grad_norm = None  # set by the step's read below; never a norm left from an earlier step
         if self.detectors is not None:
             self.guard.run("detection", self._detect_step, loss, grad_norms, optimizer)
         else:
@@ -356,15 +363,15 @@ class MonitorCore:
                 raise RuntimeError("no gradient norms were read this step")
             if probe.sharded:  # the whole model's norm: the host value of this step's read, or its all-reduce
                 total = self._step_grad_norm
+                if total is None:
+                    raise RuntimeError("the whole model's gradient norm was not read this step")
                 total = total if isinstance(total, torch.Tensor) else torch.tensor(total, device=grad_norms.device)
             else:
                 total = torch.linalg.vector_norm(grad_norms)  # what clip_grad_norm_ computes, to the bit
             coef = torch.clamp(self.clip_grad_norm / (total + 1e-6), max=1.0)
             groups: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = {}
-            for grad in (p.grad for p in probe.params):
-                if grad is not None:
-                    local = probe._local([grad])[0]
-                    groups.setdefault((local.device, local.dtype), []).append(local)
+            for grad in probe.local_gradients():
+                groups.setdefault((grad.device, grad.dtype), []).append(grad)
             for (device, _), grads in groups.items():
                 torch._foreach_mul_(grads, coef.to(device))
         except Exception as err:

@@ -8,9 +8,9 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from stabmon._validation import check_bool, check_optional_instance, check_positive_float, check_positive_int
+from stabmon._validation import check_bool, check_optional_instance, check_positive_int
 from stabmon.alerts import AlertChannel, AlertDispatcher
-from stabmon.core import MonitorCore
+from stabmon.core import MonitorCore, check_clip_grad_norm
 from stabmon.detectors import DetectionConfig, Finding
 from stabmon.interventions import Action, InterventionConfig
 from stabmon.probes.sharpness import SharpnessConfig
@@ -70,11 +70,7 @@ class MonitorSettings:
                              f"got {type(bad[0]).__name__}")
         check_positive_int("wandb_heatmap_every_n_steps", self.wandb_heatmap_every_n_steps)
         check_positive_int("compiled_probe_rows", self.compiled_probe_rows)
-        if self.clip_grad_norm is not None:
-            check_positive_float("clip_grad_norm", self.clip_grad_norm)
-            if not self.gradients:
-                raise ValueError("`clip_grad_norm` clips from the gradient norms the monitor reads: it needs "
-                                 "`gradients=True`")
+        check_clip_grad_norm(self.clip_grad_norm, self.gradients)
         if not isinstance(self.log_key_prefix, str):
             raise ValueError(f"`log_key_prefix` must be a str, got {self.log_key_prefix!r}")
         object.__setattr__(self, "alerts", tuple(alerts))

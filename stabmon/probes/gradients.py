@@ -158,6 +158,10 @@ class GradientProbe:
         self._host_squares = None
         return norms
 
+    def local_gradients(self) -> list[torch.Tensor]:
+        """The gradients this rank holds (its shards when sharded), of the parameters that have one."""
+        return self._local([p.grad for p in self.params if p.grad is not None])
+
     def squares(self, norms: torch.Tensor) -> torch.Tensor:
         """This rank's weighted squares of ``norms`` (from ``observe``), in float64: their sum
         over the ranks is each parameter's squared gradient norm over the whole model."""
