@@ -78,10 +78,14 @@ def test_an_unsampled_step_reads_at_most_the_loss_and_the_gradient_norms_once(de
     assert reads[15] == (expected if detection else [("tolist", reads[15][0][1])]), reads[15]
 
 
-def _train(core_kwargs, clip_in_loop, steps=6, lr=0.5):
+def _monitored(core_kwargs):
     torch.manual_seed(0)
     model = TinyTransformer()
-    core = MonitorCore(model, sample_every_n_steps=4, log_every_n_steps=2, **{"strict": True, **core_kwargs})
+    return model, MonitorCore(model, sample_every_n_steps=4, log_every_n_steps=2, **{"strict": True, **core_kwargs})
+
+
+def _steps(model, core, steps, clip_in_loop=None, lr=0.5):
+    """SGD steps on a fixed stream of batches (a large loss: the clip acts), optionally clipped by the loop."""
     opt = torch.optim.SGD(model.parameters(), lr=lr)
     gen = torch.Generator().manual_seed(0)
     for step in range(steps):
@@ -98,6 +102,11 @@ def _train(core_kwargs, clip_in_loop, steps=6, lr=0.5):
         opt.zero_grad()
         core.after_optimizer_step()
         core.end_step()
+
+
+def _train(core_kwargs, clip_in_loop, steps=6):
+    model, core = _monitored(core_kwargs)
+    _steps(model, core, steps, clip_in_loop)
     return model, core
 
 
@@ -115,24 +124,23 @@ def test_clipping_from_the_monitors_norms_is_clip_grad_norm_to_the_bit(detection
 
 def test_clipping_falls_back_to_clip_grad_norm_when_the_probe_read_nothing():
     reference, _ = _train({}, clip_in_loop=0.3, steps=3)
-    torch.manual_seed(0)
-    model, core = _train({"clip_grad_norm": 0.3, "strict": False}, clip_in_loop=None, steps=0)
+    model, core = _monitored({"clip_grad_norm": 0.3, "strict": False})
     core.guard.disabled["gradient probe"] = "a fault"  # the probe is off: its norms never come
-    opt = torch.optim.SGD(model.parameters(), lr=0.5)
-    gen = torch.Generator().manual_seed(0)
     with pytest.warns(UserWarning, match="clip_grad_norm_ clips instead"):
-        for step in range(3):
-            tokens = torch.randint(32, (4, 9), generator=gen)
-            core.start_step(step)
-            loss = F.cross_entropy(model(tokens[:, :-1]).reshape(-1, 32), tokens[:, 1:].reshape(-1)) * 50
-            core.end_forward()
-            core.observe_loss(loss)
-            loss.backward()
-            core.before_optimizer_step(optimizer=opt)
-            opt.step()
-            opt.zero_grad()
-            core.after_optimizer_step()
-            core.end_step()
+        _steps(model, core, 3)
+    for a, b in zip(reference.parameters(), model.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_a_sharded_clip_never_uses_a_norm_left_from_an_earlier_step():
+    """Sharded gradients clip by the whole model's norm from the step's own read; when that read
+    did not happen (detection disabled by a fault), clip_grad_norm_ clips, not a stale value."""
+    reference, _ = _train({}, clip_in_loop=0.3, steps=3)
+    model, core = _monitored({"clip_grad_norm": 0.3, "strict": False})
+    core.gradients.sharded = True  # one process stands in for a shard of the whole model
+    core.guard.disabled["detection"] = "a fault"
+    with pytest.warns(UserWarning, match="was not read this step"):
+        _steps(model, core, 3)
     for a, b in zip(reference.parameters(), model.parameters()):
         assert torch.equal(a, b)
 
