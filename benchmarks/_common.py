@@ -69,5 +69,26 @@ def markdown_table(headers: list[str], rows: list[list[object]]) -> str:
     return "\n".join(lines)
 
 
+def parse_options(argv: list[str], doc: str | None, values: tuple[str, ...] = (),
+                  flags: tuple[str, ...] = ()) -> dict[str, str]:
+    """``--name=value`` options (``values``) and bare ``--name`` switches (``flags``, given as
+    ``"1"``) of a benchmark script. ``--help`` prints the script's docstring and exits; anything
+    else is an error that names what is allowed (a long run never starts on a typo)."""
+    if "--help" in argv or "-h" in argv:
+        print((doc or "").strip())
+        raise SystemExit(0)
+    opts: dict[str, str] = {}
+    for arg in argv:
+        name, has_value, value = arg[2:].partition("=") if arg.startswith("--") else ("", False, "")
+        if has_value and name in values:
+            opts[name] = value
+        elif not has_value and name in flags:
+            opts[name] = "1"
+        else:
+            allowed = [f"--{n}=..." for n in values] + [f"--{n}" for n in flags] + ["--help"]
+            raise SystemExit(f"unknown option {arg!r}; allowed: {', '.join(allowed)}")
+    return opts
+
+
 def median(values: list[float]) -> float:
     return statistics.median(values)

@@ -24,7 +24,7 @@ import time
 import pytorch_lightning as pl
 import torch
 
-from _common import load_example, machine, markdown_table, write_json
+from _common import load_example, machine, markdown_table, parse_options, write_json
 from stabmon import InterventionConfig, StabilityMonitor
 
 
@@ -96,7 +96,7 @@ def alarms(res: dict) -> int:
 
 
 def main(argv: list[str]) -> None:
-    opts = dict(a[2:].split("=", 1) for a in argv if a.startswith("--") and "=" in a)
+    opts = parse_options(argv, __doc__, values=("steps", "healthy_lrs", "unstable_lr", "margin"))
     steps = int(opts.get("steps", 400))
     healthy = [float(x) for x in opts.get("healthy_lrs", "0.001,0.003").split(",")]
     unstable = float(opts.get("unstable_lr", 0.1))

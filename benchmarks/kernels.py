@@ -25,7 +25,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from _common import machine, markdown_table, write_json
+from _common import machine, markdown_table, parse_options, write_json
 from stabmon.kernels import attention_stats, logit_stats
 
 CUDA = torch.cuda.is_available()
@@ -94,7 +94,7 @@ def compare(providers: dict, reps: int, rounds: int) -> dict[str, float]:
 
 
 def main(argv: list[str]) -> None:
-    full = "--full" in argv
+    full = "full" in parse_options(argv, __doc__, flags=("full",))
     device = "cuda" if CUDA else "cpu"
     dtype = torch.bfloat16 if CUDA else torch.float32
     gen = torch.Generator(device=device).manual_seed(0)

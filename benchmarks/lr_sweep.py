@@ -24,7 +24,7 @@ import json
 import math
 import sys
 
-from _common import OUT, ROOT, load_example, machine, markdown_table, write_json
+from _common import OUT, ROOT, load_example, machine, markdown_table, parse_options, write_json
 from _plot import line_plot
 from detection import ema, failure_step, run
 
@@ -42,12 +42,12 @@ def final(res: dict) -> float:
 
 
 def main(argv: list[str]) -> None:
-    opts = dict(a[2:].split("=", 1) for a in argv if a.startswith("--") and "=" in a)
+    opts = parse_options(argv, __doc__, values=("lrs", "steps", "margin", "seeds"), flags=("from_json",))
     lrs = [float(x) for x in opts.get("lrs", "0.001,0.003,0.01,0.03,0.1").split(",")]
     steps, margin = int(opts.get("steps", 300)), float(opts.get("margin", 0.25))
     seeds = [int(x) for x in opts.get("seeds", "1337").split(",")]
     results: dict[str, dict[float, list[dict]]] = {name: {} for name in CONFIGS}
-    if "--from_json" in argv:  # recompute the tables and the plot from the last run's JSON
+    if "from_json" in opts:  # recompute the tables and the plot from the last run's JSON
         saved = json.loads((OUT / "lr_sweep.json").read_text())
         lrs, steps, seeds = saved["lrs"], saved["steps"], saved.get("seeds", [1337])
         results = {name: {float(lr): (r if isinstance(r, list) else [r]) for lr, r in runs.items()}

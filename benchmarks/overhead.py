@@ -58,7 +58,7 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.loggers import Logger
 
-from _common import StepTimer, load_example, machine, markdown_table, write_json
+from _common import StepTimer, load_example, machine, markdown_table, parse_options, write_json
 from stabmon import StabilityMonitor
 
 HOOKS = ("on_train_batch_start", "on_before_backward", "on_before_optimizer_step", "on_train_batch_end")
@@ -304,7 +304,7 @@ def _median_ms(runs: list[dict[str, Any]], key: str) -> str:
 
 
 def main(argv: list[str]) -> None:
-    opts = dict(a[2:].split("=", 1) for a in argv if a.startswith("--") and "=" in a)
+    opts = parse_options(argv, __doc__, values=("rounds", "steps", "segment", "warmup", "only", "floor", "memory_steps"))
     rounds, steps = int(opts.get("rounds", 3)), int(opts.get("steps", 350))
     segment, warmup = int(opts.get("segment", 50)), int(opts.get("warmup", 2))
     names = opts["only"].split(",") if "only" in opts else list(SETUPS)

@@ -22,7 +22,7 @@ import sys
 import pytorch_lightning as pl
 import torch
 
-from _common import StepTimer, load_example, machine, markdown_table, write_json
+from _common import StepTimer, load_example, machine, markdown_table, parse_options, write_json
 from stabmon import InterventionConfig, StabilityMonitor
 
 
@@ -134,7 +134,7 @@ def tau_sweep(example, taus: list[float], lrs: list[float], steps: int, seed: in
 
 
 def main(argv: list[str]) -> None:
-    opts = dict(a[2:].split("=", 1) for a in argv if a.startswith("--") and "=" in a)
+    opts = parse_options(argv, __doc__, values=("taus", "lrs", "steps", "seed", "rounds", "segment", "warmup"))
     if "taus" in opts:  # the choice of the default tau
         taus = [float(x) for x in opts["taus"].split(",")]
         lrs = [float(x) for x in opts.get("lrs", "0.003,0.01,0.03").split(",")]

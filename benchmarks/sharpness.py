@@ -18,14 +18,14 @@ import time
 import pytorch_lightning as pl
 import torch
 
-from _common import load_example, machine, markdown_table, write_json
+from _common import load_example, machine, markdown_table, parse_options, write_json
 from stabmon import SharpnessConfig
 from stabmon.curvature import hvp, top_eigenvalue
 from stabmon.probes.sharpness import SharpnessProbe
 
 
 def main(argv: list[str]) -> None:
-    opts = dict(a[2:].split("=", 1) for a in argv if a.startswith("--") and "=" in a)
+    opts = parse_options(argv, __doc__, values=("train_steps", "batch_size"))
     train_steps, batch_size = int(opts.get("train_steps", 100)), int(opts.get("batch_size", 8))
     example = load_example()
     cfg = example.Config(max_steps=train_steps + 1)  # one batch more: the held batch
