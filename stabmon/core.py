@@ -10,7 +10,7 @@ same from a hand-written loop::
         core.end_forward()
         core.observe_loss(loss)
         loss.backward()
-        core.before_optimizer_step()
+        core.before_optimizer_step(optimizer=opt)
         opt.step(); opt.zero_grad()
         core.after_optimizer_step()
         metrics = core.end_step()             # dict on emission steps, else None
@@ -19,6 +19,7 @@ same from a hand-written loop::
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -27,8 +28,10 @@ import torch
 from stabmon._failsoft import FailSoft
 from stabmon._validation import check_bool, check_optional_instance, check_positive_float, check_positive_int
 from stabmon.detectors import DetectionConfig, Finding
+from stabmon.distributed import local_tensor
 from stabmon.interventions import Action, EscalationPolicy, InterventionConfig, LRController, QKClipper, Snapshotter
 from stabmon.interventions.lr import scale_lr_for_next_step
+from stabmon.probes.amp import gradients_scaled, loss_scale
 from stabmon.probes.attention import AttentionProbe
 from stabmon.curvature.hessian_vector import _isolated_rng
 from stabmon.probes.capture import ForwardCapture
@@ -88,6 +91,12 @@ class MonitorCore:
             from the norms the monitor has just read: one pass over the gradients per step
             for the statistics and the clip, where a trainer's own clipping would read them
             all again. Use it instead of the trainer's clipping. Default None (no clipping).
+        grad_scaler: the ``torch.amp.GradScaler`` of fp16 mixed precision, if any (the
+            Lightning and Hugging Face adapters find theirs). Gradients that still carry the
+            loss scale are read unscaled; a step whose scaled gradients overflow is the
+            scaler's to skip, counted in ``gradients/overflow_steps`` and not a finding; the
+            scale is logged as ``gradients/loss_scale`` and watched by
+            ``DetectionConfig.min_loss_scale``. Default None.
 
     Example:
         >>> model = torch.nn.Linear(4, 3)
@@ -120,6 +129,7 @@ class MonitorCore:
         all_reduce: AllReduce | None = torch_distributed_all_reduce,
         compiled_probe_rows: int = 4,
         clip_grad_norm: float | None = None,
+        grad_scaler: Any = None,
     ) -> None:
         check_positive_int("sample_every_n_steps", sample_every_n_steps)
         check_clip_grad_norm(clip_grad_norm, gradients)
@@ -179,6 +189,9 @@ class MonitorCore:
             on_logits=self.logits.observe if self.logits else None,
             guard=self.guard.run,
         )
+        self.grad_scaler = grad_scaler
+        self._loss_scale: float | torch.Tensor | None = None  # the scaler's scale at the last step read
+        self._interval_overflows = 0  # steps of this interval whose scaled gradients overflowed
         self.summary = RunSummary()
         self.attention_modules: dict[str, str] = {}
         self.step: int | None = None
@@ -201,15 +214,17 @@ class MonitorCore:
         self.gradients = self._gradient_probe()
         return True
 
-    def _observe_gradients(self) -> torch.Tensor | None:
-        """The gradient probe's per-parameter norms. The parameters are checked against the
-        model on sampled steps (step 0 is one) and whenever none of the known ones has a
-        gradient (they were replaced): the model's parameter walk stays off ordinary steps."""
+    def _observe_gradients(self, optimizer: torch.optim.Optimizer | None) -> torch.Tensor | None:
+        """The gradient probe's per-parameter norms (of the unscaled gradients under fp16 AMP).
+        The parameters are checked against the model on sampled steps (step 0 is one) and
+        whenever none of the known ones has a gradient (they were replaced): the model's
+        parameter walk stays off ordinary steps."""
         if self.sampled:
             self._refresh_parameters()
-        norms = self.gradients.observe() if not self.gradients.empty else None
+        scale = loss_scale(self.grad_scaler) if gradients_scaled(self.grad_scaler, optimizer) else None
+        norms = self.gradients.observe(scale) if not self.gradients.empty else None
         if norms is None and not self.sampled and self._refresh_parameters() and not self.gradients.empty:
-            norms = self.gradients.observe()
+            norms = self.gradients.observe(scale)
         return norms
 
     # -- torch.compile ---------------------------------------------------------------------
@@ -336,7 +351,8 @@ class MonitorCore:
             self._sharpness_values = values or {}
             for note in self.sharpness.notes:
                 self.guard.warn_once(note, note)
-        grad_norms = self.guard.run("gradient probe", self._observe_gradients) if self.gradients is not None else None
+        grad_norms = (self.guard.run("gradient probe", self._observe_gradients, optimizer or self._optimizer)
+                      if self.gradients is not None else None)
         if optimizer is not None:
             self._optimizer = optimizer
         loss, self._step_losses = self._step_loss(), []
@@ -397,30 +413,44 @@ class MonitorCore:
         values = self._read_step(loss, grad_norms)
         if "loss/last" in values:
             self.loss.add_host(values["loss/last"])
+        if "gradients/loss_scale" in values:
+            self._loss_scale = values["gradients/loss_scale"]
         if "gradients/norm" in values:
-            self.grad_norm.add_host(values["gradients/norm"])
-            self._step_grad_norm = values["gradients/norm"]
+            norm = self._step_grad_norm = values["gradients/norm"]
+            if "gradients/loss_scale" in values and not math.isfinite(norm):
+                # fp16 overflow: the GradScaler skips this step and lowers its scale. Routine, not
+                # a finding; a scale that keeps falling is (DetectionConfig.min_loss_scale).
+                self._interval_overflows += 1
+                del values["gradients/norm"]
+            else:
+                self.grad_norm.add_host(norm)
         findings = self.detectors.on_step(self.step, values)
         self._handle(findings, optimizer, before_step=True)
 
     def _read_step(self, loss: torch.Tensor | None, grad_norms: torch.Tensor | None) -> dict[str, float]:
-        """``{"loss/last": mean loss over ranks, "gradients/norm": global norm}`` on the host.
+        """``{"loss/last": mean loss over ranks, "gradients/norm": global norm}`` on the host,
+        and ``"gradients/loss_scale"`` under fp16 AMP.
 
         The per-parameter gradient norms come along in the same read: the gradient probe
         keeps them (summed over ranks) and the emission needs no device work for them.
         """
         all_reduce = active_all_reduce(self._all_reduce)
+        scale = loss_scale(self.grad_scaler)
         parts = []
         if all_reduce is None:  # one process: the norms themselves, squared on the host in float64
             if loss is not None:
                 parts.append(loss.reshape(1))
             if grad_norms is not None:
                 parts.append(grad_norms)
+            if scale is not None:
+                parts.append(scale)
         else:  # one sum over ranks: the loss averages, the weighted squares add up to the whole model's
             if loss is not None:
                 parts.append(loss.double().reshape(1) / world_size())
             if grad_norms is not None:
                 parts.append(self.gradients.squares(grad_norms))
+            if scale is not None:  # the same on every rank: its mean
+                parts.append(scale.double() / world_size())
         if not parts:
             return {}
         if all_reduce is None and parts[0].device.type == "cpu":
@@ -433,6 +463,8 @@ class MonitorCore:
         values = {}
         if loss is not None:
             values["loss/last"] = host.pop(0)
+        if scale is not None:
+            values["gradients/loss_scale"] = host.pop()
         if grad_norms is not None:
             squares = host if all_reduce is not None else [x * x for x in host]
             values["gradients/norm"] = self.gradients.record_host_squares(squares)
@@ -446,8 +478,11 @@ class MonitorCore:
             grad = self.gradients.device_norm()
             if self.gradients.sharded:  # the shares of the square must meet every step
                 grad = torch_distributed_all_reduce(grad.detach().double(), "sum").sqrt()
-            self.grad_norm.add_device(grad)
+            self.grad_norm.add_device(grad)  # fp16 overflows count in gradients/nonfinite_steps here
             self._step_grad_norm = grad
+        scale = loss_scale(self.grad_scaler)
+        if scale is not None:
+            self._loss_scale = scale
 
     def _handle(self, findings: list[Finding], optimizer: torch.optim.Optimizer | None, before_step: bool) -> None:
         step = self.step
@@ -481,12 +516,25 @@ class MonitorCore:
             self.lr_control.cut(step, decision.lr_cut)
         if decision.skip_step and before_step:
             self._step_skipped = True
-            for p in self.model.parameters():
-                p.grad = None  # torch optimizers leave parameters and state alone without a grad
+            self._skip_optimizer_step(optimizer or self._optimizer)
         if decision.stop:
             self.stop_reason = decision.actions[-1].detail if decision.actions else "stop"
         for action in decision.actions:
             self._record_action(action.name, action.detail)
+
+    def _skip_optimizer_step(self, optimizer: torch.optim.Optimizer | None) -> None:
+        """Make the coming optimizer step leave the parameters and the optimizer state alone."""
+        if gradients_scaled(self.grad_scaler, optimizer):
+            # The scaler has yet to unscale, and its step raises when it finds no gradient to
+            # check: an inf in one gradient instead makes it skip the step itself (halving its
+            # scale, as on any overflow).
+            grad = next((local_tensor(p.grad) for p in self.model.parameters()
+                         if p.grad is not None and p.grad.numel() > 0), None)
+            if grad is not None:
+                grad[(0,) * grad.dim()] = math.inf
+                return
+        for p in self.model.parameters():
+            p.grad = None  # torch optimizers leave parameters and state alone without a grad
 
     def _record_action(self, name: str, detail: str | None) -> None:
         if detail is None:
@@ -598,6 +646,11 @@ class MonitorCore:
         if self.qk_clip is not None:
             self.qk_clip.signals(signals)
             self.qk_clip.reset_interval()
+        if isinstance(self._loss_scale, torch.Tensor):
+            signals.add_max("gradients/loss_scale", self._loss_scale.reshape(()))
+        elif self._loss_scale is not None:  # read this step with the loss: the same on every rank
+            signals.add_host("gradients/loss_scale", self._loss_scale, op=None)
+            signals.add_host("gradients/overflow_steps", float(self._interval_overflows), op=None)
         metrics = signals.reduce(self._all_reduce)
         if self.sampled and self.qk_clip is not None:
             self.guard.run("qk-clip", self._arm_qk_clip, metrics)
@@ -614,6 +667,7 @@ class MonitorCore:
                                                               why=f"its max logit is {value:.4g}"))
 
     def _reset_interval(self) -> None:
+        self._interval_overflows = 0
         self.loss.reset()
         self.grad_norm.reset()
         if self.gradients is not None:

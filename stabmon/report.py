@@ -36,8 +36,10 @@ class RunSummary:
         "sharpness/preconditioned": max,
         "sharpness/eos_ratio": max,
         "actions/qk_clip_min_gamma": min,
+        "gradients/loss_scale": min,
     }
-    _TOTAL = ("loss/nonfinite_steps", "gradients/nonfinite_steps", "logits/nonfinite", "actions/qk_clip_count")
+    _TOTAL = ("loss/nonfinite_steps", "gradients/nonfinite_steps", "logits/nonfinite", "actions/qk_clip_count",
+              "gradients/overflow_steps")
 
     def __init__(self) -> None:
         self.extremes: dict[str, float] = {}
@@ -145,6 +147,10 @@ class RunSummary:
             lines.append(f"  qk-clip: {int(self.latest.get('actions/qk_clip_armed', 0))} layers armed, "
                          f"{int(self.totals['actions/qk_clip_count'])} head clips, smallest factor "
                          f"{_fmt(self.extremes.get('actions/qk_clip_min_gamma'))}")
+        if "gradients/loss_scale" in self.latest:
+            lines.append(f"  fp16 loss scale: now {_fmt(self.latest['gradients/loss_scale'])} (min "
+                         f"{_fmt(self.extremes.get('gradients/loss_scale'))}); steps the GradScaler skipped on "
+                         f"overflow {int(self.totals['gradients/overflow_steps'])}")
         lines.append(
             "  non-finite: "
             + ", ".join(f"{name.replace('/', ' ').replace('_', ' ')} {int(count)}" for name, count in self.totals.items()

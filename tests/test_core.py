@@ -78,6 +78,17 @@ def test_an_unsampled_step_reads_at_most_the_loss_and_the_gradient_norms_once(de
     assert reads[15] == (expected if detection else [("tolist", reads[15][0][1])]), reads[15]
 
 
+def test_under_a_grad_scaler_the_scale_comes_with_the_same_single_read():
+    torch.manual_seed(0)
+    model = TinyTransformer()
+    params = sum(1 for p in model.parameters() if p.requires_grad)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1.0)  # a scale of 1 leaves run_steps' arithmetic alone
+    core = MonitorCore(model, sample_every_n_steps=16, log_every_n_steps=16, strict=True,
+                       all_reduce=identity_all_reduce, grad_scaler=scaler)
+    reads = run_steps(core, model, 16, watch={11, 15})
+    assert reads[11] == reads[15] == [("tolist", 1 + params + 1)]
+
+
 def _monitored(core_kwargs):
     torch.manual_seed(0)
     model = TinyTransformer()

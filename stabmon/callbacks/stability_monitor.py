@@ -16,6 +16,7 @@ from stabmon.core import MonitorCore
 from stabmon.detectors import DetectionConfig
 from stabmon.interventions import InterventionConfig
 from stabmon.keys import logged_key, logged_metrics, split_layers
+from stabmon.probes.amp import loss_scale
 from stabmon.probes.batches import head_of_batch
 from stabmon.probes.sharpness import SharpnessConfig
 from stabmon.settings import MonitorOutputs, MonitorSettings
@@ -192,6 +193,8 @@ class StabilityMonitor(MonitorOutputs, *CALLBACK_BASES):
                 "clip twice", f"stabmon: both `clip_grad_norm={self.settings.clip_grad_norm}` and the Trainer's "
                 f"`gradient_clip_val={trainer.gradient_clip_val}` clip the gradients; the Trainer's then reads them all "
                 "again for nothing it changes. Set one of them.")
+        # fp16 AMP: Lightning's MixedPrecision (and FSDP's) keep their GradScaler here
+        self.core.grad_scaler = getattr(trainer.precision_plugin, "scaler", None)
         if self._pending_state is not None:
             self.core.load_state_dict(self._pending_state)
             self._pending_state = None
@@ -217,7 +220,7 @@ class StabilityMonitor(MonitorOutputs, *CALLBACK_BASES):
         if self.core is None:
             return
         self.core.end_forward()
-        self.core.observe_loss(loss)
+        self.core.observe_loss(_training_step_loss(trainer, pl_module, loss, self.core.grad_scaler))
 
     @override
     def on_before_optimizer_step(
@@ -349,6 +352,18 @@ class StabilityMonitor(MonitorOutputs, *CALLBACK_BASES):
         # One tensor for all values, viewed per key: no tensor constructor per key.
         values = torch.tensor(list(flat.values()), dtype=torch.float32).unbind()
         _callback_metrics(trainer).update(zip(flat, values))
+
+
+def _training_step_loss(trainer: "pl.Trainer", pl_module: "pl.LightningModule", loss: torch.Tensor,
+                        grad_scaler: Any) -> torch.Tensor:
+    """The loss ``training_step`` returned, from the one the backward receives: Lightning divides
+    it by ``accumulate_grad_batches`` (automatic optimization) and multiplies it by the fp16
+    GradScaler's scale before ``on_before_backward``. Device arithmetic only."""
+    accumulate = trainer.accumulate_grad_batches if pl_module.automatic_optimization else 1
+    if accumulate != 1:
+        loss = loss.detach() * accumulate
+    scale = loss_scale(grad_scaler)
+    return loss.detach() / scale.reshape(()).to(loss.device) if scale is not None else loss
 
 
 def _callback_metrics(trainer: "pl.Trainer") -> dict[str, Any]:

@@ -49,6 +49,11 @@ class DetectionConfig:
             step 100), so crossing it is reported, not acted on. ``"warning"`` makes it a rung
             of the ladder.
         trend_lookback: samples (sampled steps) looked back over by the trend detectors. Default 5.
+        min_loss_scale: under fp16 mixed precision, the GradScaler's scale
+            (``gradients/loss_scale``) below which the run is diverging: a critical finding.
+            The scaler halves its scale at every step whose gradients overflow and skips that
+            step, which is routine (not a finding) until the scale collapses; DeepSpeed and
+            Megatron stop a run at their ``min_loss_scale`` of 1. Default 1; None turns it off.
 
     Example:
         >>> DetectionConfig(spike_z_warning=8).spike_z_critical
@@ -67,6 +72,7 @@ class DetectionConfig:
     eos_ratio_ceiling: float = 1.0
     eos_ratio_severity: str = "info"
     trend_lookback: int = 5
+    min_loss_scale: float | None = 1.0
 
     def __post_init__(self) -> None:
         for name in ("spike_z_warning", "spike_z_critical", "attention_logit_ceiling", "attention_logit_growth",
@@ -75,6 +81,8 @@ class DetectionConfig:
         for name in ("spike_window", "spike_warmup", "trend_lookback"):
             check_positive_int(name, getattr(self, name))
         check_in("eos_ratio_severity", self.eos_ratio_severity, SEVERITIES)
+        if self.min_loss_scale is not None:
+            check_positive_float("min_loss_scale", self.min_loss_scale)
         if self.spike_z_critical < self.spike_z_warning:
             raise ValueError(f"`spike_z_critical` ({self.spike_z_critical}) must be >= `spike_z_warning` "
                              f"({self.spike_z_warning})")
@@ -89,6 +97,9 @@ class DetectionConfig:
                 NonFiniteDetector(counts=()),
                 SpikeDetector("loss/last", name="loss_spike", **spike),
                 SpikeDetector("gradients/norm", name="grad_norm_spike", **spike),
+                *([ThresholdDetector("gradients/loss_scale", floor=self.min_loss_scale, severity="critical",
+                                     explain=" (fp16: the GradScaler keeps finding inf/NaN gradients)",
+                                     name="loss_scale_floor")] if self.min_loss_scale is not None else []),
             ],
             sampled=[
                 NonFiniteDetector(signals=()),  # loss and gradient norm are checked every step already

@@ -15,6 +15,8 @@ Trainer's events:
   (a forward hook; the capture of a sampled step ends there, before the backward);
 * **gradients** are read before they are clipped (``max_grad_norm``): the monitor runs just
   before the Trainer's clipping, or at ``on_pre_optimizer_step`` when nothing is clipped;
+  under ``fp16=True`` they are read unscaled, and an overflow step (which the GradScaler
+  skips) is counted, not reported (``stabmon.probes.amp``);
 * **metrics** go through ``Trainer.log`` at the ``logging_steps`` cadence, under the keys of
   the Lightning callback (``stabmon-attention/entropy_min``, ...): into
   ``trainer.state.log_history`` and every ``report_to`` integration (the W&B integration
@@ -156,6 +158,9 @@ class StabilityMonitorCallback(MonitorOutputs, TrainerCallback):
         self._trainer = self._trainer or _find_trainer()
         self._model, self._optimizer = model, _inner_optimizer(optimizer)
         self.core = self.settings.make_core(model, args.logging_steps if args.logging_steps >= 1 else 50)
+        # fp16 AMP: accelerate's GradScaler. Before the clipping the gradients still carry its scale:
+        # the core reads them unscaled (it asks the scaler whether unscale_ has run).
+        self.core.grad_scaler = getattr(getattr(self._trainer, "accelerator", None), "scaler", None)
         saved = (state.stateful_callbacks or {}).get(_STATE_KEY)
         if saved and state.global_step > 0:  # resumed from a checkpoint
             self.core.load_state_dict(saved)

@@ -135,12 +135,14 @@ class GradientProbe:
     def _local(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
         return [local_tensor(t) for t in tensors] if self.sharded else tensors
 
-    def observe(self) -> torch.Tensor | None:
+    def observe(self, scale: torch.Tensor | None = None) -> torch.Tensor | None:
         """Read the current gradients (call before the optimizer step).
 
         Returns this rank's gradient norm of each trainable parameter, ``(P,)`` float32 on the
         parameters' device (0 for a parameter without a gradient); nothing is read to the host.
-        None when no parameter has a gradient.
+        None when no parameter has a gradient. ``scale``: the loss scale the gradients still
+        carry (fp16 AMP before ``unscale_``; see ``stabmon.probes.amp``): the norms are divided
+        by it, so they are those of the unscaled gradients.
         """
         grads = [p.grad for p in self.params]
         if not grads:
@@ -154,6 +156,8 @@ class GradientProbe:
                 self._local([grads[i] for i in present]), self._device)
         else:
             norms = tensor_norms(self._local(grads), self._device)
+        if scale is not None:
+            norms = norms / scale.to(norms.device)
         self._last_norms = norms
         self._host_squares = None
         return norms

@@ -200,6 +200,59 @@ def test_gradient_accumulation_samples_once_per_optimizer_step():
     assert "stabmon-attention/entropy_min" in logger.by_step[2]
 
 
+class _LossSpyMLP(TinyMLP):
+    def __init__(self):
+        super().__init__()
+        self.step_losses = {}  # optimizer step -> what training_step returned for each micro-batch
+
+    def training_step(self, batch, batch_idx):
+        loss = super().training_step(batch, batch_idx)
+        self.step_losses.setdefault(self.global_step, []).append(loss.item())
+        return loss
+
+
+class _AmpReference(pl.Callback):
+    """What the monitor should see under fp16 AMP, computed from the run itself: the gradient
+    norm once Lightning has unscaled the gradients, and the scale before and after the
+    scaler's update()."""
+
+    def __init__(self):
+        self.norms, self.scales = {}, {}
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step - 1 in self.scales and len(self.scales[trainer.global_step - 1]) == 1:
+            self.scales[trainer.global_step - 1].append(trainer.precision_plugin.scaler.get_scale())
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        grads = [p.grad.double() for p in pl_module.parameters() if p.grad is not None]
+        self.norms[trainer.global_step] = torch.linalg.vector_norm(torch.stack([g.norm() for g in grads])).item()
+        self.scales[trainer.global_step] = [trainer.precision_plugin.scaler.get_scale()]
+
+
+def test_under_fp16_amp_the_loss_and_gradients_are_unscaled_and_overflows_are_not_findings():
+    """Lightning multiplies the loss by the GradScaler's scale (and divides it for accumulation)
+    before ``on_before_backward``; fp16 overflow steps are the scaler's to skip."""
+    from pytorch_lightning.plugins.precision import MixedPrecision
+
+    pl.seed_everything(0)
+    reference, logger = _AmpReference(), RecordingLogger()
+    monitor = StabilityMonitor(sample_every_n_steps=100, log_every_n_steps=1, sharpness_every_n_steps=None,
+                               verbose=False, strict=True)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**24)  # high: fp16 gradients overflow for the first steps
+    module = _LossSpyMLP()
+    fit(module, regression_loader(n=256), monitor, max_steps=24, logger=logger, accumulate_grad_batches=2,
+        plugins=[MixedPrecision("16-mixed", "cpu", scaler=scaler)], callbacks=[reference])
+    overflowed = {step: after < before for step, (before, after) in reference.scales.items()}
+    assert 2 <= sum(overflowed.values()) < 20
+    assert monitor.findings == [] and monitor.actions_taken == []
+    for step, metrics in logger.by_step.items():
+        assert metrics["stabmon-loss/last"] == pytest.approx(sum(module.step_losses[step]) / 2, rel=1e-6)
+        assert metrics["stabmon-gradients/loss_scale"] == reference.scales[step][0]
+        assert metrics["stabmon-gradients/overflow_steps"] == float(overflowed[step])
+        if not overflowed[step]:
+            assert metrics["stabmon-gradients/norm"] == pytest.approx(reference.norms[step], rel=1e-5)
+
+
 def test_a_failing_probe_is_disabled_and_training_goes_on(monkeypatch):
     import stabmon.probes.attention as attention_module
 

@@ -3,6 +3,7 @@ spike acted on at its step, a clean stop on NaN, resume from a checkpoint, and a
 ImportError without transformers."""
 
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -55,13 +56,15 @@ def dataset(n=400, seq=16):
     return [{"input_ids": row, "labels": row.clone()} for row in ids]
 
 
-def train(tmp_path, monitor, steps=20, model=None, resume=None, **args):
+def train(tmp_path, monitor, steps=20, model=None, resume=None, grad_scaler=None, **args):
     defaults = dict(per_device_train_batch_size=8, max_steps=steps, logging_steps=5, report_to=[],
                     save_strategy="no", learning_rate=1e-3, use_cpu=True, disable_tqdm=True, seed=0,
                     dataloader_num_workers=0, remove_unused_columns=False)
     defaults.update(args)
     trainer = transformers.Trainer(model=model or tiny_llama(), args=transformers.TrainingArguments(
         str(tmp_path / "out"), **defaults), train_dataset=dataset(), callbacks=[monitor, StepCounter()])
+    if grad_scaler is not None:  # fp16 AMP as accelerate runs it on a GPU (on a CPU it makes no scaler)
+        trainer.accelerator.native_amp, trainer.accelerator.scaler = True, grad_scaler
     trainer.train(resume_from_checkpoint=resume)
     return trainer
 
@@ -88,6 +91,31 @@ def test_a_loss_spike_is_found_and_acted_on_at_its_step(tmp_path):
     train(tmp_path, monitor, model=tiny_llama({12: 1000.0}))
     assert [(a.step, a.name) for a in monitor.actions_taken] == [(12, "skip_step")]
     assert any(f.step == 12 and f.severity == "critical" and f.signal == "loss/last" for f in monitor.findings)
+
+
+def test_under_fp16_the_gradients_are_read_unscaled_and_overflows_are_not_findings(tmp_path):
+    """The monitor reads the gradients before the Trainer's clip, where accelerate has not yet
+    unscaled them: its norms are the Trainer's own (pre-clip, unscaled) ``grad_norm``."""
+    monitor = StabilityMonitorCallback(**{**FAST, "strict": True})
+    trainer = train(tmp_path, monitor, steps=16, logging_steps=1, fp16=True,
+                    grad_scaler=torch.amp.GradScaler("cpu", init_scale=2.0**24))
+    hf = {h["step"]: h["grad_norm"] for h in trainer.state.log_history if "grad_norm" in h}
+    ours = {h["step"]: h for h in trainer.state.log_history if "stabmon-gradients/loss_scale" in h}
+    overflows = [step for step, norm in hf.items() if not math.isfinite(norm)]
+    assert 1 <= len(overflows) < 8 and set(ours) == set(hf)
+    assert monitor.findings == [] and monitor.actions_taken == []
+    assert sum(h["stabmon-gradients/overflow_steps"] for h in ours.values()) == len(overflows)
+    for step, norm in hf.items():
+        if step not in overflows:
+            assert ours[step]["stabmon-gradients/norm"] == pytest.approx(norm, rel=1e-5)
+
+
+def test_under_fp16_a_skipped_step_is_left_to_the_scaler(tmp_path):
+    """Gradients set to None before accelerate's unscale would make the scaler's step raise."""
+    monitor = StabilityMonitorCallback(**FAST)
+    train(tmp_path, monitor, model=tiny_llama({12: 1000.0}), fp16=True,
+          grad_scaler=torch.amp.GradScaler("cpu", init_scale=2.0**8))
+    assert [(a.step, a.name) for a in monitor.actions_taken] == [(12, "skip_step")]
 
 
 def test_nan_loss_stops_cleanly_with_a_nonfinite_finding_and_a_checkpoint(tmp_path, capsys):
