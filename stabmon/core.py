@@ -172,6 +172,7 @@ class MonitorCore:
         self._step_losses: list[torch.Tensor] = []  # the micro-batches' losses of the current step
         self._step_skipped = False
         self._step_grad_norm: float | torch.Tensor | None = None  # the whole model's, this step (None: not read)
+        self._clipped_from: torch.Tensor | None = None
         self._compiled: bool | None = None  # found out at the first step (the model may be compiled late)
         self._last_finding_step = -(10**9)
         self._restore_lr = lambda: None
@@ -357,6 +358,7 @@ class MonitorCore:
             self._optimizer = optimizer
         loss, self._step_losses = self._step_loss(), []
         self._step_grad_norm = None  # set by the step's read below; never a norm left from an earlier step
+        self._clipped_from: torch.Tensor | None = None  # the pre-clip norm of this step's clip
         if self.detectors is not None:
             self.guard.run("detection", self._detect_step, loss, grad_norms, optimizer)
         else:
@@ -384,6 +386,7 @@ class MonitorCore:
                 total = total if isinstance(total, torch.Tensor) else torch.tensor(total, device=grad_norms.device)
             else:
                 total = torch.linalg.vector_norm(grad_norms)  # what clip_grad_norm_ computes, to the bit
+            self._clipped_from = total
             coef = torch.clamp(self.clip_grad_norm / (total + 1e-6), max=1.0)
             groups: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = {}
             for grad in probe.local_gradients():
@@ -396,7 +399,17 @@ class MonitorCore:
             if any(p.grad is not None for p in self.model.parameters()):
                 self.guard.warn_once("clip fallback", f"stabmon: clipping from the monitor's norms failed ({err}); "
                                                       "torch.nn.utils.clip_grad_norm_ clips instead")
-                torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.clip_grad_norm)
+                self._clipped_from = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.clip_grad_norm)
+
+    def step_grad_norm(self) -> torch.Tensor | None:
+        """This step's gradient norm of the whole model, before any clip, as a 0-dim tensor (what
+        ``clip_grad_norm_`` returns), once ``before_optimizer_step`` has read it; else None."""
+        if self._clipped_from is not None:
+            return self._clipped_from
+        value = self._step_grad_norm
+        if value is None:
+            return None
+        return value if isinstance(value, torch.Tensor) else torch.tensor(value)
 
     def _step_loss(self) -> torch.Tensor | None:
         """The step's loss: the one micro-batch loss, or their mean under gradient accumulation."""

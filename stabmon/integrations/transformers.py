@@ -13,8 +13,10 @@ Trainer's events:
   eager-attention model is named once with that fix), output logits through
   ``F.cross_entropy`` (the models' own loss), and the per-step loss from the model's output
   (a forward hook; the capture of a sampled step ends there, before the backward);
-* **gradients** are read before they are clipped (``max_grad_norm``): the monitor runs just
-  before the Trainer's clipping, or at ``on_pre_optimizer_step`` when nothing is clipped;
+* **gradients** are read before they are clipped (``max_grad_norm``), once: the monitor's
+  read also gives the Trainer its clip and its ``grad_norm`` (accelerate's arithmetic, without
+  its second pass over the gradients; DeepSpeed, FSDP and XLA keep their own clipping, and the
+  monitor then reads just before it, or at ``on_pre_optimizer_step``);
   under ``fp16=True`` they are read unscaled, and an overflow step (which the GradScaler
   skips) is counted, not reported (``stabmon.probes.amp``);
 * **metrics** go through ``Trainer.log`` at the ``logging_steps`` cadence, under the keys of
@@ -76,6 +78,28 @@ def _find_trainer() -> transformers.Trainer | None:
             return candidate
         frame = frame.f_back
     return None
+
+
+def _plain_gradient_norm(trainer: transformers.Trainer, model: torch.nn.Module) -> bool:
+    """True where the Trainer's gradient norm is accelerate's plain ``clip_grad_norm_`` over
+    whole gradients (one process or DDP): not DeepSpeed, FSDP, XLA, SageMaker model
+    parallelism or tensor-parallel meshes, which clip their own way."""
+    accelerator = getattr(trainer, "accelerator", None)
+    kind = str(getattr(getattr(accelerator, "distributed_type", None), "value", "")).upper()
+    if accelerator is None or any(name in kind for name in ("DEEPSPEED", "FSDP", "XLA", "MEGATRON")):
+        return False
+    if getattr(trainer, "is_deepspeed_enabled", False) or getattr(trainer, "is_fsdp_enabled", False):
+        return False
+    sagemaker_mp = getattr(transformers.utils, "is_sagemaker_mp_enabled", None)
+    if callable(sagemaker_mp) and sagemaker_mp():
+        return False
+    mixed_mesh = getattr(trainer, "_has_mixed_mesh_grads", None)
+    try:
+        if callable(mixed_mesh) and mixed_mesh(model):
+            return False
+    except Exception:  # noqa: BLE001 - an unknown Trainer: keep its own clip
+        return False
+    return callable(getattr(trainer, "_clip_grad_norm", None)) and callable(getattr(accelerator, "unscale_gradients", None))
 
 
 def _inner_optimizer(optimizer: Any) -> torch.optim.Optimizer | None:
@@ -166,7 +190,10 @@ class StabilityMonitorCallback(MonitorOutputs, TrainerCallback):
             self.core.load_state_dict(saved)
         self._handles = [model.register_forward_pre_hook(self._before_forward, with_kwargs=True),
                          model.register_forward_hook(self._after_forward, always_call=True)]
-        if self._trainer is not None and args.max_grad_norm and args.max_grad_norm > 0:
+        clips = bool(args.max_grad_norm and args.max_grad_norm > 0)
+        if self._trainer is not None and self.core.gradients is not None and _plain_gradient_norm(self._trainer, model):
+            self._take_over_gradient_norm(self._trainer, args.max_grad_norm if clips else None)
+        elif self._trainer is not None and clips:
             clip = self._trainer._clip_grad_norm
 
             def read_then_clip(clip_model: torch.nn.Module) -> Any:
@@ -174,11 +201,46 @@ class StabilityMonitorCallback(MonitorOutputs, TrainerCallback):
                 return clip(clip_model)
 
             self._trainer._clip_grad_norm = read_then_clip
-        elif args.max_grad_norm and args.max_grad_norm > 0:
+        elif clips:
             self._say("clip", "stabmon: the Trainer was not found from the callback: gradient statistics are of the "
                               "gradients after clipping (max_grad_norm).")
         if state.is_world_process_zero:
             self.core.guard.run("wandb", self._find_wandb, args)
+
+    def _take_over_gradient_norm(self, trainer: transformers.Trainer, max_grad_norm: float | None) -> None:
+        """The Trainer reads every gradient once per step for its ``grad_norm`` (its clip, or
+        ``_get_grad_norm`` when nothing is clipped), right where the monitor reads them: the
+        monitor's read serves both. What accelerate's ``clip_grad_norm_`` does is kept: unscale
+        under fp16 AMP, then ``clip_grad_norm_``'s arithmetic (bit-identical for float32) from
+        the monitor's norms, returning the pre-clip norm."""
+        accelerator = trainer.accelerator
+        self.core.clip_grad_norm = max_grad_norm
+
+        def read_unscaled() -> torch.Tensor | None:
+            accelerator.unscale_gradients()  # a no-op outside fp16 AMP, as in accelerate's own clip
+            self._before_optimizer_step()
+            return self.core.step_grad_norm()
+
+        if max_grad_norm is not None:
+            original_clip = trainer._clip_grad_norm
+
+            def clip_from_the_monitors_norms(clip_model: torch.nn.Module) -> Any:
+                if self._step_read:  # read already (not expected): the Trainer's own clip
+                    return original_clip(clip_model)
+                norm = read_unscaled()
+                return norm if norm is not None else torch.tensor(math.nan)
+
+            trainer._clip_grad_norm = clip_from_the_monitors_norms
+        elif callable(getattr(trainer, "_get_grad_norm", None)):
+            original_norm = trainer._get_grad_norm
+
+            def norm_from_the_monitor(norm_model: torch.nn.Module, grad_norm: Any = None) -> Any:
+                if grad_norm is not None or self._step_read:
+                    return original_norm(norm_model, grad_norm=grad_norm)
+                norm = read_unscaled()
+                return norm if norm is not None else original_norm(norm_model, grad_norm=grad_norm)
+
+            trainer._get_grad_norm = norm_from_the_monitor
 
     def _find_wandb(self, args: Any) -> None:
         if "wandb" not in (args.report_to or []) or "wandb" not in sys.modules or sys.modules["wandb"].run is None:

@@ -62,7 +62,8 @@ def train(tmp_path, monitor, steps=20, model=None, resume=None, grad_scaler=None
                     dataloader_num_workers=0, remove_unused_columns=False)
     defaults.update(args)
     trainer = transformers.Trainer(model=model or tiny_llama(), args=transformers.TrainingArguments(
-        str(tmp_path / "out"), **defaults), train_dataset=dataset(), callbacks=[monitor, StepCounter()])
+        str(tmp_path / "out"), **defaults), train_dataset=dataset(),
+        callbacks=[c for c in (monitor, StepCounter()) if c is not None])
     if grad_scaler is not None:  # fp16 AMP as accelerate runs it on a GPU (on a CPU it makes no scaler)
         trainer.accelerator.native_amp, trainer.accelerator.scaler = True, grad_scaler
     trainer.train(resume_from_checkpoint=resume)
@@ -93,13 +94,45 @@ def test_a_loss_spike_is_found_and_acted_on_at_its_step(tmp_path):
     assert any(f.step == 12 and f.severity == "critical" and f.signal == "loss/last" for f in monitor.findings)
 
 
+def _grad_norms_and_weights(trainer):
+    norms = {h["step"]: h["grad_norm"] for h in trainer.state.log_history if "grad_norm" in h}
+    return norms, [p.detach().clone() for p in trainer.model.parameters()]
+
+
+@pytest.mark.parametrize("max_grad_norm", [0.05, 0.0], ids=["clipping", "not-clipping"])
+def test_the_trainers_gradient_norm_comes_from_the_monitors_read(tmp_path, monkeypatch, max_grad_norm):
+    """The Trainer's clip (or, with nothing to clip, its ``_get_grad_norm``) reads every gradient
+    right where the monitor does: the monitor's one read serves both, and the run is the run
+    without the monitor to the bit (float32; observe_only, so that nothing else differs)."""
+    import accelerate
+
+    calls = []
+    real_clip = accelerate.Accelerator.clip_grad_norm_
+    monkeypatch.setattr(accelerate.Accelerator, "clip_grad_norm_",
+                        lambda self, *a, **k: calls.append(1) or real_clip(self, *a, **k))
+    plain = train(tmp_path / "plain", None, steps=12, logging_steps=1, max_grad_norm=max_grad_norm)
+    assert len(calls) == 12
+    watched = train(tmp_path / "watched", StabilityMonitorCallback(**{**FAST, "observe_only": True, "strict": True}),
+                    steps=12, logging_steps=1, max_grad_norm=max_grad_norm)
+    assert len(calls) == 12  # the watched run never called accelerate's clip_grad_norm_
+    (plain_norms, plain_weights), (norms, weights) = map(_grad_norms_and_weights, (plain, watched))
+    assert plain_norms.keys() == norms.keys() and len(norms) == 12
+    for step, norm in plain_norms.items():
+        assert norms[step] == pytest.approx(norm, rel=1e-6)
+    if max_grad_norm:
+        assert max(plain_norms.values()) > 2 * max_grad_norm  # every step was clipped
+    assert all(torch.equal(a, b) for a, b in zip(plain_weights, weights))
+
+
 def test_under_fp16_the_gradients_are_read_unscaled_and_overflows_are_not_findings(tmp_path):
-    """The monitor reads the gradients before the Trainer's clip, where accelerate has not yet
-    unscaled them: its norms are the Trainer's own (pre-clip, unscaled) ``grad_norm``."""
-    monitor = StabilityMonitorCallback(**{**FAST, "strict": True})
-    trainer = train(tmp_path, monitor, steps=16, logging_steps=1, fp16=True,
-                    grad_scaler=torch.amp.GradScaler("cpu", init_scale=2.0**24))
-    hf = {h["step"]: h["grad_norm"] for h in trainer.state.log_history if "grad_norm" in h}
+    """Under fp16 AMP the monitor unscales before it reads, as accelerate's clip does: its norms
+    and the run are those of the run without the monitor; overflow steps are not findings."""
+    fp16 = dict(steps=16, logging_steps=1, fp16=True)
+    plain = train(tmp_path / "plain", None, grad_scaler=torch.amp.GradScaler("cpu", init_scale=2.0**24), **fp16)
+    monitor = StabilityMonitorCallback(**{**FAST, "strict": True, "observe_only": True})
+    trainer = train(tmp_path / "watched", monitor, grad_scaler=torch.amp.GradScaler("cpu", init_scale=2.0**24), **fp16)
+    (hf, plain_weights), (_, weights) = map(_grad_norms_and_weights, (plain, trainer))
+    assert all(torch.equal(a, b) for a, b in zip(plain_weights, weights))
     ours = {h["step"]: h for h in trainer.state.log_history if "stabmon-gradients/loss_scale" in h}
     overflows = [step for step, norm in hf.items() if not math.isfinite(norm)]
     assert 1 <= len(overflows) < 8 and set(ours) == set(hf)
