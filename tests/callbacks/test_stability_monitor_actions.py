@@ -122,16 +122,20 @@ def test_resume_mid_intervention_continues_it(tmp_path):
 
 
 @pytest.mark.ddp
-@pytest.mark.parametrize("namespace", ["pytorch_lightning", "lightning.pytorch"])
-def test_every_rank_takes_the_same_action_under_ddp(tmp_path, namespace):
+@pytest.mark.parametrize("namespace, fp16", [("pytorch_lightning", False), ("lightning.pytorch", False),
+                                             ("pytorch_lightning", True)], ids=["pl", "lightning", "pl-fp16"])
+def test_every_rank_takes_the_same_action_under_ddp(tmp_path, namespace, fp16):
     pytest.importorskip(namespace)
     env = {**os.environ, "STABMON_STRICT": "1", "PYTHONWARNINGS": "ignore"}
     env.pop("LOCAL_RANK", None)
     script = Path(__file__).with_name("ddp_run.py")
-    proc = subprocess.run([sys.executable, str(script), str(tmp_path), namespace], env=env, capture_output=True,
-                          text=True, timeout=300)
+    proc = subprocess.run([sys.executable, str(script), str(tmp_path), namespace, *(["fp16"] if fp16 else [])],
+                          env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    if fp16:  # the scaler's overflow steps: the same on both ranks, none of them a finding
+        assert ranks[0]["overflow_steps"] == ranks[1]["overflow_steps"] > 0
+        assert ranks[0]["loss_scale"] == ranks[1]["loss_scale"] < 2.0**24
     assert ranks[0]["actions"] == ranks[1]["actions"]
     assert [a["name"] for a in ranks[0]["actions"]] == ["skip_step"] and ranks[0]["actions"][0]["step"] == 25
     assert ranks[0]["findings"] == ranks[1]["findings"]
