@@ -62,7 +62,8 @@ def loss_scale(scaler: Any) -> torch.Tensor | None:
 def gradients_scaled(scaler: Any, optimizer: torch.optim.Optimizer | None) -> bool:
     """True while the gradients of ``optimizer``'s parameters still carry the loss scale: the
     scaler is enabled and ``unscale_`` has not run for this optimizer since the last
-    ``update()``. Without a way to tell (an unknown scaler), True.
+    ``update()`` (``optimizer`` None: for any of its optimizers). Without a way to tell (an
+    unknown scaler), True.
 
     Example:
         >>> model = torch.nn.Linear(2, 1); opt = torch.optim.SGD(model.parameters(), 0.1)
@@ -75,6 +76,8 @@ def gradients_scaled(scaler: Any, optimizer: torch.optim.Optimizer | None) -> bo
     if not scaler_enabled(scaler):
         return False
     states = getattr(scaler, "_per_optimizer_states", None)
-    state = states.get(id(optimizer)) if isinstance(states, dict) and optimizer is not None else None
-    stage = state.get("stage") if isinstance(state, dict) else None
-    return getattr(stage, "name", None) != "UNSCALED"
+    if not isinstance(states, dict):
+        return True
+    chosen = [states.get(id(optimizer))] if optimizer is not None else list(states.values())
+    stages = [getattr(state.get("stage"), "name", None) for state in chosen if isinstance(state, dict)]
+    return not stages or any(stage != "UNSCALED" for stage in stages)

@@ -45,9 +45,9 @@ def test_gradients_scaled_until_unscale_and_again_after_update():
     scaler = torch.amp.GradScaler("cpu")
     for _ in range(2):
         _scaled_backward(scaler, model)
-        assert gradients_scaled(scaler, opt)
+        assert gradients_scaled(scaler, opt) and gradients_scaled(scaler, None)
         scaler.unscale_(opt)
-        assert not gradients_scaled(scaler, opt)
+        assert not gradients_scaled(scaler, opt) and not gradients_scaled(scaler, None)
         scaler.step(opt)
         scaler.update()
         opt.zero_grad()
