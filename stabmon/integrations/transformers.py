@@ -83,7 +83,8 @@ def _find_trainer() -> transformers.Trainer | None:
 def _plain_gradient_norm(trainer: transformers.Trainer, model: torch.nn.Module) -> bool:
     """True where the Trainer's gradient norm is accelerate's plain ``clip_grad_norm_`` over
     whole gradients (one process or DDP): not DeepSpeed, FSDP, XLA, SageMaker model
-    parallelism or tensor-parallel meshes, which clip their own way."""
+    parallelism or tensor-parallel meshes, which clip their own way, nor a Trainer subclass
+    with a clip of its own."""
     accelerator = getattr(trainer, "accelerator", None)
     kind = str(getattr(getattr(accelerator, "distributed_type", None), "value", "")).upper()
     if accelerator is None or any(name in kind for name in ("DEEPSPEED", "FSDP", "XLA", "MEGATRON")):
@@ -99,6 +100,10 @@ def _plain_gradient_norm(trainer: transformers.Trainer, model: torch.nn.Module) 
             return False
     except Exception:  # noqa: BLE001 - an unknown Trainer: keep its own clip
         return False
+    for name in ("_clip_grad_norm", "_get_grad_norm"):  # a Trainer subclass that clips its own way keeps it
+        own = getattr(type(trainer), name, None)
+        if own is not None and own is not getattr(transformers.Trainer, name, None):
+            return False
     return callable(getattr(trainer, "_clip_grad_norm", None)) and callable(getattr(accelerator, "unscale_gradients", None))
 
 

@@ -124,6 +124,22 @@ def test_the_trainers_gradient_norm_comes_from_the_monitors_read(tmp_path, monke
     assert all(torch.equal(a, b) for a, b in zip(plain_weights, weights))
 
 
+def test_a_trainer_subclass_that_clips_its_own_way_keeps_its_clip(tmp_path):
+    calls = []
+
+    class OwnClip(transformers.Trainer):
+        def _clip_grad_norm(self, model):
+            calls.append(self.state.global_step)
+            return super()._clip_grad_norm(model)
+
+    monitor = StabilityMonitorCallback(**FAST)
+    args = transformers.TrainingArguments(str(tmp_path / "out"), per_device_train_batch_size=8, max_steps=3,
+                                          report_to=[], save_strategy="no", use_cpu=True, disable_tqdm=True,
+                                          remove_unused_columns=False, dataloader_num_workers=0)
+    OwnClip(model=tiny_llama(), args=args, train_dataset=dataset(), callbacks=[monitor]).train()
+    assert calls == [0, 1, 2] and "gradients/norm" in monitor.latest_metrics
+
+
 def test_under_fp16_the_gradients_are_read_unscaled_and_overflows_are_not_findings(tmp_path):
     """Under fp16 AMP the monitor unscales before it reads, as accelerate's clip does: its norms
     and the run are those of the run without the monitor; overflow steps are not findings."""
