@@ -541,8 +541,8 @@ class MonitorCore:
             # The scaler has yet to unscale, and its step raises when it finds no gradient to
             # check: an inf in one gradient instead makes it skip the step itself (halving its
             # scale, as on any overflow).
-            grad = next((local_tensor(p.grad) for p in self.model.parameters()
-                         if p.grad is not None and p.grad.numel() > 0), None)
+            local = (local_tensor(p.grad) for p in self.model.parameters() if p.grad is not None)
+            grad = next((g for g in local if g.numel() > 0), None)  # a shard of this rank's that holds elements
             if grad is not None:
                 grad[(0,) * grad.dim()] = math.inf
                 return
