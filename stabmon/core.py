@@ -172,7 +172,7 @@ class MonitorCore:
         self._step_losses: list[torch.Tensor] = []  # the micro-batches' losses of the current step
         self._step_skipped = False
         self._step_grad_norm: float | torch.Tensor | None = None  # the whole model's, this step (None: not read)
-        self._clipped_from: torch.Tensor | None = None
+        self._clipped_from: torch.Tensor | None = None  # the pre-clip norm of this step's clip (None: no clip)
         self._compiled: bool | None = None  # found out at the first step (the model may be compiled late)
         self._last_finding_step = -(10**9)
         self._restore_lr = lambda: None
@@ -358,7 +358,7 @@ class MonitorCore:
             self._optimizer = optimizer
         loss, self._step_losses = self._step_loss(), []
         self._step_grad_norm = None  # set by the step's read below; never a norm left from an earlier step
-        self._clipped_from: torch.Tensor | None = None  # the pre-clip norm of this step's clip
+        self._clipped_from = None
         if self.detectors is not None:
             self.guard.run("detection", self._detect_step, loss, grad_norms, optimizer)
         else:
