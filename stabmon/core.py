@@ -222,7 +222,8 @@ class MonitorCore:
         parameter walk stays off ordinary steps."""
         if self.sampled:
             self._refresh_parameters()
-        scale = loss_scale(self.grad_scaler) if gradients_scaled(self.grad_scaler, optimizer) else None
+        scaler = self.grad_scaler
+        scale = loss_scale(scaler) if scaler is not None and gradients_scaled(scaler, optimizer) else None
         norms = self.gradients.observe(scale) if not self.gradients.empty else None
         if norms is None and not self.sampled and self._refresh_parameters() and not self.gradients.empty:
             norms = self.gradients.observe(scale)
@@ -448,7 +449,7 @@ class MonitorCore:
         keeps them (summed over ranks) and the emission needs no device work for them.
         """
         all_reduce = active_all_reduce(self._all_reduce)
-        scale = loss_scale(self.grad_scaler)
+        scale = loss_scale(self.grad_scaler) if self.grad_scaler is not None else None
         parts = []
         if all_reduce is None:  # one process: the norms themselves, squared on the host in float64
             if loss is not None:
@@ -493,9 +494,8 @@ class MonitorCore:
                 grad = torch_distributed_all_reduce(grad.detach().double(), "sum").sqrt()
             self.grad_norm.add_device(grad)  # fp16 overflows count in gradients/nonfinite_steps here
             self._step_grad_norm = grad
-        scale = loss_scale(self.grad_scaler)
-        if scale is not None:
-            self._loss_scale = scale
+        if self.grad_scaler is not None:
+            self._loss_scale = loss_scale(self.grad_scaler)
 
     def _handle(self, findings: list[Finding], optimizer: torch.optim.Optimizer | None, before_step: bool) -> None:
         step = self.step

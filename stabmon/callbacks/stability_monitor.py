@@ -359,10 +359,9 @@ def _training_step_loss(trainer: "pl.Trainer", pl_module: "pl.LightningModule", 
     """The loss ``training_step`` returned, from the one the backward receives: Lightning divides
     it by ``accumulate_grad_batches`` (automatic optimization) and multiplies it by the fp16
     GradScaler's scale before ``on_before_backward``. Device arithmetic only."""
-    accumulate = trainer.accumulate_grad_batches if pl_module.automatic_optimization else 1
-    if accumulate != 1:
-        loss = loss.detach() * accumulate
-    scale = loss_scale(grad_scaler)
+    if trainer.accumulate_grad_batches != 1 and pl_module.automatic_optimization:
+        loss = loss.detach() * trainer.accumulate_grad_batches
+    scale = loss_scale(grad_scaler) if grad_scaler is not None else None
     return loss.detach() / scale.reshape(()).to(loss.device) if scale is not None else loss
 
 
