@@ -4,7 +4,8 @@
 # timeouts add up to 12.5 minutes, inside a 15-minute device lease with the machine's start:
 #
 #   bash scripts/gpu_check.sh tests    # the `gpu`-marked tests: the compiled Triton kernels
-#                                      # against the float64 reference (at most 5 minutes)
+#                                      # against the float64 reference, fp16 AMP on CUDA
+#                                      # (at most 5 minutes)
 #   bash scripts/gpu_check.sh bench    # kernels.py --full, overhead.py (syncs per step),
 #                                      # qk_clip.py: the figures for benchmarks/RESULTS.md
 #
@@ -33,7 +34,8 @@ status=0
 if [[ "$part" == "tests" ]]; then
     workers=()
     python3 -c "import xdist" 2>/dev/null && workers=(-n 8)  # Triton compiles on the CPUs: in parallel
-    timeout 300 python3 -m pytest -q -m gpu -p no:cacheprovider "${workers[@]}" tests/kernels 2>&1 \
+    timeout 300 python3 -m pytest -q -m gpu -p no:cacheprovider "${workers[@]}" tests/kernels tests/callbacks \
+        tests/integrations 2>&1 \
         | tee "$out/gpu_tests.log" || status=1
 else
     timeout 150 python3 benchmarks/kernels.py --full 2>&1 | tee "$out/kernels.log" || status=1

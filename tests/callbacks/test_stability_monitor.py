@@ -229,7 +229,8 @@ class _AmpReference(pl.Callback):
         self.scales[trainer.global_step] = [trainer.precision_plugin.scaler.get_scale()]
 
 
-def test_under_fp16_amp_the_loss_and_gradients_are_unscaled_and_overflows_are_not_findings():
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_under_fp16_amp_the_loss_and_gradients_are_unscaled_and_overflows_are_not_findings(device):
     """Lightning multiplies the loss by the GradScaler's scale (and divides it for accumulation)
     before ``on_before_backward``; fp16 overflow steps are the scaler's to skip."""
     from pytorch_lightning.plugins.precision import MixedPrecision
@@ -238,10 +239,11 @@ def test_under_fp16_amp_the_loss_and_gradients_are_unscaled_and_overflows_are_no
     reference, logger = _AmpReference(), RecordingLogger()
     monitor = StabilityMonitor(sample_every_n_steps=100, log_every_n_steps=1, sharpness_every_n_steps=None,
                                verbose=False, strict=True)
-    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**24)  # high: fp16 gradients overflow for the first steps
+    scaler = torch.amp.GradScaler(device, init_scale=2.0**24)  # high: fp16 gradients overflow for the first steps
     module = _LossSpyMLP()
     fit(module, regression_loader(n=256), monitor, max_steps=24, logger=logger, accumulate_grad_batches=2,
-        plugins=[MixedPrecision("16-mixed", "cpu", scaler=scaler)], callbacks=[reference])
+        plugins=[MixedPrecision("16-mixed", device, scaler=scaler)], callbacks=[reference],
+        accelerator="gpu" if device == "cuda" else "cpu")
     overflowed = {step: after < before for step, (before, after) in reference.scales.items()}
     assert 2 <= sum(overflowed.values()) < 20
     assert monitor.findings == [] and monitor.actions_taken == []

@@ -159,6 +159,20 @@ def test_under_fp16_the_gradients_are_read_unscaled_and_overflows_are_not_findin
             assert ours[step]["stabmon-gradients/norm"] == pytest.approx(norm, rel=1e-5)
 
 
+@pytest.mark.gpu
+def test_on_cuda_fp16_the_run_is_the_run_without_the_monitor(tmp_path):
+    """accelerate's own GradScaler on a GPU: the monitor's take-over of the clip leaves the run
+    bit-identical, and the scaler's overflow steps are not findings."""
+    fp16 = dict(steps=16, logging_steps=1, fp16=True, use_cpu=False)
+    plain = train(tmp_path / "plain", None, **fp16)
+    monitor = StabilityMonitorCallback(**{**FAST, "strict": True, "observe_only": True})
+    watched = train(tmp_path / "watched", monitor, **fp16)
+    assert watched.accelerator.scaler is not None
+    (plain_norms, plain_weights), (norms, weights) = map(_grad_norms_and_weights, (plain, watched))
+    assert all(torch.equal(a, b) for a, b in zip(plain_weights, weights))
+    assert monitor.findings == [] and "gradients/loss_scale" in monitor.latest_metrics
+
+
 def test_under_fp16_a_skipped_step_is_left_to_the_scaler(tmp_path):
     """Gradients set to None before accelerate's unscale would make the scaler's step raise."""
     monitor = StabilityMonitorCallback(**FAST)
