@@ -243,7 +243,10 @@ class StabilityMonitorCallback(MonitorOutputs, TrainerCallback):
                 if grad_norm is not None or self._step_read:
                     return original_norm(norm_model, grad_norm=grad_norm)
                 norm = read_unscaled()
-                return norm if norm is not None else original_norm(norm_model, grad_norm=grad_norm)
+                if norm is None:  # the monitor read nothing (a fault): the Trainer's norm of the gradients
+                    # unscaled above; its own _get_grad_norm would unscale them again, which the scaler refuses
+                    norm = torch.nn.utils.clip_grad_norm_(norm_model.parameters(), math.inf)
+                return norm
 
             trainer._get_grad_norm = norm_from_the_monitor
 

@@ -124,6 +124,30 @@ def test_the_trainers_gradient_norm_comes_from_the_monitors_read(tmp_path, monke
     assert all(torch.equal(a, b) for a, b in zip(plain_weights, weights))
 
 
+@pytest.mark.parametrize("max_grad_norm", [1.0, 0.0], ids=["clipping", "not-clipping"])
+def test_a_failing_gradient_probe_leaves_the_trainers_gradient_norm_and_an_fp16_run_alone(
+        tmp_path, monkeypatch, max_grad_norm):
+    """With the monitor's read gone (its gradient probe disabled by a fault) the Trainer still
+    gets its norm and its clip; under fp16 the gradients must not be unscaled twice."""
+    import stabmon.probes.gradients as gradients_module
+
+    fp16 = dict(steps=4, logging_steps=1, fp16=True, max_grad_norm=max_grad_norm)
+    plain = train(tmp_path / "plain", None, grad_scaler=torch.amp.GradScaler("cpu", init_scale=2.0**8), **fp16)
+
+    def broken(self, scale=None):
+        raise RuntimeError("probe bug")
+
+    monkeypatch.setattr(gradients_module.GradientProbe, "observe", broken)
+    monitor = StabilityMonitorCallback(**{**FAST, "strict": False, "observe_only": True})
+    with pytest.warns(UserWarning, match="gradient probe disabled"):
+        watched = train(tmp_path / "watched", monitor, grad_scaler=torch.amp.GradScaler("cpu", init_scale=2.0**8),
+                        **fp16)
+    (plain_norms, plain_weights), (norms, weights) = map(_grad_norms_and_weights, (plain, watched))
+    assert len(norms) == 4 and all(math.isfinite(v) for v in norms.values())
+    assert norms == pytest.approx(plain_norms, rel=1e-6)
+    assert all(torch.equal(a, b) for a, b in zip(plain_weights, weights))
+
+
 def test_a_trainer_subclass_that_clips_its_own_way_keeps_its_clip(tmp_path):
     calls = []
 
