@@ -215,15 +215,17 @@ class MonitorCore:
         self.gradients = self._gradient_probe()
         return True
 
-    def _observe_gradients(self, optimizer: torch.optim.Optimizer | None) -> torch.Tensor | None:
-        """The gradient probe's per-parameter norms (of the unscaled gradients under fp16 AMP).
+    def _observe_gradients(self, optimizer: torch.optim.Optimizer | None,
+                           scale: torch.Tensor | None) -> torch.Tensor | None:
+        """The gradient probe's per-parameter norms (of the unscaled gradients under fp16 AMP:
+        ``scale`` is the step's loss scale, divided out while ``optimizer``'s gradients carry it).
         The parameters are checked against the model on sampled steps (step 0 is one) and
         whenever none of the known ones has a gradient (they were replaced): the model's
         parameter walk stays off ordinary steps."""
         if self.sampled:
             self._refresh_parameters()
-        scaler = self.grad_scaler
-        scale = loss_scale(scaler) if scaler is not None and gradients_scaled(scaler, optimizer) else None
+        if scale is not None and not gradients_scaled(self.grad_scaler, optimizer):
+            scale = None
         norms = self.gradients.observe(scale) if not self.gradients.empty else None
         if norms is None and not self.sampled and self._refresh_parameters() and not self.gradients.empty:
             norms = self.gradients.observe(scale)
@@ -353,7 +355,8 @@ class MonitorCore:
             self._sharpness_values = values or {}
             for note in self.sharpness.notes:
                 self.guard.warn_once(note, note)
-        grad_norms = (self.guard.run("gradient probe", self._observe_gradients, optimizer or self._optimizer)
+        scale = loss_scale(self.grad_scaler) if self.grad_scaler is not None else None  # this step's, one copy
+        grad_norms = (self.guard.run("gradient probe", self._observe_gradients, optimizer or self._optimizer, scale)
                       if self.gradients is not None else None)
         if optimizer is not None:
             self._optimizer = optimizer
@@ -361,9 +364,9 @@ class MonitorCore:
         self._step_grad_norm = None  # set by the step's read below; never a norm left from an earlier step
         self._clipped_from = None
         if self.detectors is not None:
-            self.guard.run("detection", self._detect_step, loss, grad_norms, optimizer)
+            self.guard.run("detection", self._detect_step, loss, grad_norms, optimizer, scale)
         else:
-            self.guard.run("signals", self._record_step, loss, grad_norms)
+            self.guard.run("signals", self._record_step, loss, grad_norms, scale)
         if self.clip_grad_norm is not None and not self._step_skipped:
             self._clip_gradients(grad_norms)
         if self.sampled and self.gradients is not None and not self.gradients.empty:
@@ -421,10 +424,10 @@ class MonitorCore:
 
     # -- detection and intervention ---------------------------------------------------------
     def _detect_step(self, loss: torch.Tensor | None, grad_norms: torch.Tensor | None,
-                     optimizer: torch.optim.Optimizer | None) -> None:
+                     optimizer: torch.optim.Optimizer | None, scale: torch.Tensor | None) -> None:
         """Per-step detectors on the loss and gradient norm: one host read (and one small
         all-reduce when there are several ranks)."""
-        values = self._read_step(loss, grad_norms)
+        values = self._read_step(loss, grad_norms, scale)
         if "loss/last" in values:
             self.loss.add_host(values["loss/last"])
         if "gradients/loss_scale" in values:
@@ -441,15 +444,15 @@ class MonitorCore:
         findings = self.detectors.on_step(self.step, values)
         self._handle(findings, optimizer, before_step=True)
 
-    def _read_step(self, loss: torch.Tensor | None, grad_norms: torch.Tensor | None) -> dict[str, float]:
+    def _read_step(self, loss: torch.Tensor | None, grad_norms: torch.Tensor | None,
+                   scale: torch.Tensor | None) -> dict[str, float]:
         """``{"loss/last": mean loss over ranks, "gradients/norm": global norm}`` on the host,
-        and ``"gradients/loss_scale"`` under fp16 AMP.
+        and ``"gradients/loss_scale"`` under fp16 AMP (``scale``, the step's loss scale).
 
         The per-parameter gradient norms come along in the same read: the gradient probe
         keeps them (summed over ranks) and the emission needs no device work for them.
         """
         all_reduce = active_all_reduce(self._all_reduce)
-        scale = loss_scale(self.grad_scaler) if self.grad_scaler is not None else None
         parts = []
         if all_reduce is None:  # one process: the norms themselves, squared on the host in float64
             if loss is not None:
@@ -484,7 +487,8 @@ class MonitorCore:
             values["gradients/norm"] = self.gradients.record_host_squares(squares)
         return values
 
-    def _record_step(self, loss: torch.Tensor | None, grad_norms: torch.Tensor | None) -> None:
+    def _record_step(self, loss: torch.Tensor | None, grad_norms: torch.Tensor | None,
+                     scale: torch.Tensor | None) -> None:
         """Detection off: keep the step's values on the device; nothing is read before emission."""
         if loss is not None:
             self.loss.add_device(loss)
@@ -494,8 +498,8 @@ class MonitorCore:
                 grad = torch_distributed_all_reduce(grad.detach().double(), "sum").sqrt()
             self.grad_norm.add_device(grad)  # fp16 overflows count in gradients/nonfinite_steps here
             self._step_grad_norm = grad
-        if self.grad_scaler is not None:
-            self._loss_scale = loss_scale(self.grad_scaler)
+        if scale is not None:
+            self._loss_scale = scale
 
     def _handle(self, findings: list[Finding], optimizer: torch.optim.Optimizer | None, before_step: bool) -> None:
         step = self.step
