@@ -17,13 +17,13 @@ ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "benchmarks" / "out"
 
 
-def load_example():
-    """The module ``examples/train_gpt.py`` (model, data, Config)."""
-    if "train_gpt" in sys.modules:
-        return sys.modules["train_gpt"]
-    spec = importlib.util.spec_from_file_location("train_gpt", ROOT / "examples" / "train_gpt.py")
+def load_example(name: str = "train_gpt"):
+    """The module ``examples/<name>.py``: ``train_gpt`` (model, data, Config) or ``hf_trainer``."""
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, ROOT / "examples" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
-    sys.modules["train_gpt"] = module
+    sys.modules[name] = module  # before it runs: its dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
 

@@ -17,7 +17,6 @@ run of the same round, and the range. Writes ``benchmarks/out/overhead_hf.json``
 
 from __future__ import annotations
 
-import importlib.util
 import statistics
 import sys
 import time
@@ -25,18 +24,9 @@ from typing import Any
 
 import torch
 
-from _common import ROOT, machine, markdown_table, parse_options, write_json
+from _common import ROOT, load_example, machine, markdown_table, parse_options, write_json
 
 CONFIGS = ("off", "monitor", "monitor, Trainer clips")
-
-
-def load_hf_example():
-    """The module ``examples/hf_trainer.py`` (model, data)."""
-    spec = importlib.util.spec_from_file_location("hf_trainer_example", ROOT / "examples" / "hf_trainer.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclass looks itself up there
-    spec.loader.exec_module(module)
-    return module
 
 
 def run_once(example, data: torch.Tensor, config: str, steps: int, block: int, skip: int = 20) -> float:
@@ -79,7 +69,7 @@ def run_once(example, data: torch.Tensor, config: str, steps: int, block: int, s
 def main(argv: list[str]) -> None:
     opts = parse_options(argv, __doc__, values=("rounds", "steps", "block"))
     rounds, steps, block = int(opts.get("rounds", 5)), int(opts.get("steps", 150)), int(opts.get("block", 32))
-    example = load_hf_example()
+    example = load_example("hf_trainer")
     data = example.load_bytes()
     data = data[: int(0.9 * len(data))]
     results: dict[str, list[float]] = {c: [] for c in CONFIGS}
