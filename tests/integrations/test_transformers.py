@@ -192,7 +192,7 @@ def test_on_cuda_fp16_the_run_is_the_run_without_the_monitor(tmp_path):
     monitor = StabilityMonitorCallback(**{**FAST, "strict": True, "observe_only": True})
     watched = train(tmp_path / "watched", monitor, **fp16)
     assert watched.accelerator.scaler is not None
-    (plain_norms, plain_weights), (norms, weights) = map(_grad_norms_and_weights, (plain, watched))
+    (_, plain_weights), (_, weights) = map(_grad_norms_and_weights, (plain, watched))
     assert all(torch.equal(a, b) for a, b in zip(plain_weights, weights))
     assert monitor.findings == [] and "gradients/loss_scale" in monitor.latest_metrics
 
