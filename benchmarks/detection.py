@@ -79,14 +79,14 @@ def run(example, lr: float, steps: int, observe_only: bool, qk_layernorm: bool =
         val = [module.loss(x, y).item() for x, y in val_loader]
     digest = torch.cat([p.detach().flatten() for p in module.parameters()])
     sha = hashlib.sha256(digest.numpy().tobytes()).hexdigest() if digest.device.type == "cpu" else None
-    summary = monitor.core.summary
+    summary = monitor.core.run_summary
     return {
         "params_sha256": sha, "params_sum": float(digest.double().sum()), "params_abs_sum": float(digest.double().abs().sum()),
         "qk_clips": sum(v for k, v in summary.totals.items() if k == "actions/qk_clip_count"),
         "lr": lr, "observe_only": observe_only, "losses": losses.losses, "val_loss": sum(val) / len(val),
         "findings": [f.to_dict() for f in monitor.findings], "actions": [a.to_dict() for a in monitor.actions_taken],
         "seconds": time.perf_counter() - start,
-        "max_attention_logit": monitor.core.summary.extremes.get("attention/max_logit"),
+        "max_attention_logit": monitor.core.run_summary.extremes.get("attention/max_logit"),
     }
 
 

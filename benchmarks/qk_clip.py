@@ -36,7 +36,7 @@ class ArmingSwitch(pl.Callback):
         return (step // self.segment) % 2 == 1
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:  # noqa: ANN001
-        clipper = self.monitor.core.qk_clip
+        clipper = self.monitor.core.responder.qk_clip
         step = trainer.global_step
         if step % self.segment or step == 0:
             return
@@ -60,7 +60,7 @@ def run_once(example, steps: int, segment: int, warmup: int) -> dict:
                          logger=False, enable_checkpointing=False, enable_progress_bar=False,
                          enable_model_summary=False, limit_val_batches=0, gradient_clip_val=cfg.grad_clip)
     trainer.fit(example.GPTModule(cfg), train_loader)
-    layers = len(monitor.core.qk_clip.located)
+    layers = len(monitor.core.responder.qk_clip.located)
     armed, plain = [], []
     for i, t in enumerate(timer.times, start=1):  # times[i - 1] is the step with global_step i
         if i % segment < warmup or i % monitor.sample_every_n_steps == 0:

@@ -82,7 +82,7 @@ def main(steps: int = 400, fsdp: bool = False) -> MonitorCore:
         for a in core.actions_taken:
             print(f"  step {a.step:4d} {a.name:9s} {a.detail}")
         print()
-        print(core.summary.format())
+        print(core.summary())
     if fsdp:
         torch.distributed.barrier()  # no rank tears its connections down while another still talks
         torch.distributed.destroy_process_group()

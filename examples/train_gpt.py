@@ -332,7 +332,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         maps = monitor.core.last_head_maps
         layers = sorted(maps)
         render_heatmap([maps[layer]["entropy_mean"].tolist() for layer in layers],
-                       title=f"attention entropy per head (nats), step {monitor.core.summary.last_step}",
+                       title=f"attention entropy per head (nats), step {monitor.core.run_summary.last_step}",
                        row_labels=[layer.replace("layer_", "L") for layer in layers], cell=40).save(cfg.heatmap_png)
         print(f"heatmap written to {cfg.heatmap_png}")
     if monitor.findings or monitor.actions_taken:

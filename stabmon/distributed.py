@@ -16,7 +16,14 @@ import functools
 
 import torch
 
-__all__ = ["dtensor_class", "is_dtensor", "local_tensor", "square_weight", "global_row_offset"]
+__all__ = ["dtensor_class", "global_row_offset", "is_dtensor", "is_rank_zero", "local_tensor", "square_weight"]
+
+
+def is_rank_zero() -> bool:
+    """True on the first process (or without torch.distributed): log lines come from it only."""
+    import torch.distributed as dist
+
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
 
 
 @functools.cache

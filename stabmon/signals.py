@@ -14,11 +14,13 @@ step in the interval, no live row) the signal is left out instead of reported as
 from __future__ import annotations
 
 import math
+import zlib
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 
-__all__ = ["SignalSet", "AllReduce", "active_all_reduce", "torch_distributed_all_reduce"]
+__all__ = ["AgreedReduction", "AllReduce", "SignalSet", "active_all_reduce", "torch_distributed_all_reduce"]
 
 # all_reduce(tensor, op) -> reduced tensor, op one of "sum", "max", "min".
 AllReduce = Callable[[torch.Tensor, str], torch.Tensor]
@@ -95,48 +97,51 @@ class SignalSet:
         for a value that is already the same on every rank."""
         self._host[name] = (float(value), op)
 
-    def reduce(self, all_reduce: AllReduce | None = None) -> dict[str, float]:
-        """Reduce across ranks (when ``all_reduce`` is given) and read to the host: one copy."""
-        all_reduce = active_all_reduce(all_reduce)
-        travelling = [n for n, (_, op) in self._host.items() if op is not None] if all_reduce is not None else []
-        if not self._entries and not travelling:
-            return {name: value for name, (value, _) in self._host.items()}
-        device = self._entries[0][2][0][1].device if self._entries else self.device
+    def mark(self) -> int:
+        """A point to go back to with ``truncate`` (a stage whose signals failed half-way)."""
+        return len(self._entries)
+
+    def truncate(self, mark: int, host_names: Sequence[str] = ()) -> None:
+        del self._entries[mark:]
+        for name in host_names:
+            self._host.pop(name, None)
+
+    def _pack(self, device: torch.device, travelling: list[str], fold_min: bool
+              ) -> tuple[dict[str, list[torch.Tensor]], dict[str, int], list[list[tuple[str, int, int, bool]]],
+                         dict[str, tuple[str, int, bool]]]:
+        """The entries' pieces by reduction op, each piece's place, and the travelling host values'.
+        ``fold_min``: min pieces travel negated in the max pack (two collectives instead of three)."""
         packs: dict[str, list[torch.Tensor]] = {op: [] for op in _OPS}
         sizes: dict[str, int] = dict.fromkeys(_OPS, 0)
-        layout = []  # per entry: [(op, start, stop)] of its parts, then of its defined count
+
+        def place(op: str, flat: torch.Tensor) -> tuple[str, int, int, bool]:
+            negate = fold_min and op == "min"
+            op = "max" if negate else op
+            packs[op].append(-flat if negate else flat)
+            start = sizes[op]
+            sizes[op] += flat.numel()
+            return op, start, sizes[op], negate
+
+        layout = []  # per entry: [(op, start, stop, negated)] of its parts, then of its defined count
         for _, _, parts, defined in self._entries:
-            where = []
-            for op, tensor in (parts if defined is None else [*parts, ("sum", defined)]):
-                flat = tensor.detach().reshape(-1)
-                packs[op].append(flat)
-                where.append((op, sizes[op], sizes[op] + flat.numel()))
-                sizes[op] += flat.numel()
-            layout.append(where)
-        host_where: dict[str, tuple[str, int]] = {}  # name -> (op, position) when the host values travel too
-        if travelling:
-            for op in _OPS:
-                names = [n for n, (_, o) in self._host.items() if o == op]
-                if names:
-                    packs[op].append(torch.tensor([self._host[n][0] for n in names], dtype=torch.float64,
-                                                  device=device))
-                    host_where.update((n, (op, sizes[op] + i)) for i, n in enumerate(names))
-                    sizes[op] += len(names)
-        present = [op for op in _OPS if packs[op]]
-        for op in present:  # a probe on another device (rare): bring its pieces over
+            layout.append([place(op, tensor.detach().reshape(-1))
+                           for op, tensor in (parts if defined is None else [*parts, ("sum", defined)])])
+        host_where: dict[str, tuple[str, int, bool]] = {}
+        for op in _OPS:
+            names = [n for n in travelling if self._host[n][1] == op]
+            if names:
+                values = torch.tensor([self._host[n][0] for n in names], dtype=torch.float64, device=device)
+                where = place(op, values)
+                host_where.update((n, (where[0], where[1] + i, where[3])) for i, n in enumerate(names))
+        for op in _OPS:  # a probe on another device (rare): bring its pieces over
             packs[op] = [p if p.device == device else p.to(device) for p in packs[op]]
-        if all_reduce is None:  # one concatenation, one copy to the host
-            flat_host = torch.cat([p for op in present for p in packs[op]]).tolist()
-        else:  # float64, so that sums of counts and of losses over ranks stay exact
-            reduced = [all_reduce(torch.cat(packs[op]).to(torch.float64), op) for op in present]
-            flat_host = (torch.cat(reduced) if len(reduced) > 1 else reduced[0]).tolist()
-        base, offset = {}, 0
-        for op in present:
-            base[op] = offset
-            offset += sizes[op]
+        return packs, sizes, layout, host_where
+
+    def _decode(self, flat: dict[str, list[float]], layout: list[list[tuple[str, int, int, bool]]],
+                host_where: dict[str, tuple[str, int, bool]]) -> dict[str, float]:
         out: dict[str, float] = {}
         for (kind, names, _, defined), where in zip(self._entries, layout):
-            values = [flat_host[base[op] + a: base[op] + b] for op, a, b in where]
+            values = [[-x for x in flat[op][a:b]] if negated else flat[op][a:b] for op, a, b, negated in where]
             keep = [c > 0 for c in values.pop()] if defined is not None else None
             results = _combine(kind, values)
             if isinstance(names, str):
@@ -147,9 +152,76 @@ class SignalSet:
                     if results[i] is not None and (keep is None or keep[i]):
                         out[name] = results[i]
         for name, (value, _) in self._host.items():
-            op_pos = host_where.get(name)
-            out[name] = value if op_pos is None else flat_host[base[op_pos[0]] + op_pos[1]]
+            where = host_where.get(name)
+            out[name] = value if where is None else (-1 if where[2] else 1) * flat[where[0]][where[1]]
         return out
+
+    def _device(self) -> torch.device:
+        return self._entries[0][2][0][1].device if self._entries else self.device
+
+    def reduce(self, all_reduce: AllReduce | None = None) -> dict[str, float]:
+        """Reduce across ranks (when ``all_reduce`` is given) and read to the host: one copy."""
+        all_reduce = active_all_reduce(all_reduce)
+        travelling = [n for n, (_, op) in self._host.items() if op is not None] if all_reduce is not None else []
+        if not self._entries and not travelling:
+            return {name: value for name, (value, _) in self._host.items()}
+        packs, sizes, layout, host_where = self._pack(self._device(), travelling, fold_min=False)
+        present = [op for op in _OPS if packs[op]]
+        if all_reduce is None:  # one concatenation, one copy to the host
+            flat_host = torch.cat([p for op in present for p in packs[op]]).tolist()
+        else:  # float64, so that sums of counts and of losses over ranks stay exact
+            reduced = [all_reduce(torch.cat(packs[op]).to(torch.float64), op) for op in present]
+            flat_host = (torch.cat(reduced) if len(reduced) > 1 else reduced[0]).tolist()
+        flat, offset = {}, 0
+        for op in present:
+            flat[op] = flat_host[offset:offset + sizes[op]]
+            offset += sizes[op]
+        return self._decode(flat, layout, host_where)
+
+    def reduce_agreed(self, all_reduce: AllReduce, flags: torch.Tensor, capacity: int) -> AgreedReduction:
+        """Reduce over ranks that may not agree on what they hold (a stage that failed on one
+        rank adds no signals there), without a collective that could mismatch.
+
+        Two all-reduces (sum; max, with the minima negated), each of exactly ``capacity``
+        values plus a header: the fail-soft ``flags`` (summed), and a checksum of this rank's
+        layout with its size (max, and the checksum negated). ``values`` is None unless every
+        rank had the same layout and it fit; ``needed`` is the largest layout over ranks.
+        """
+        travelling = [n for n, (_, op) in self._host.items() if op is not None]
+        device = self._device()
+        packs, sizes, layout, host_where = self._pack(device, travelling, fold_min=True)
+        signature = repr([(kind, names, [t.numel() for _, t in parts], defined is not None)
+                          for kind, names, parts, defined in self._entries] + sorted(travelling))
+        check = float(zlib.crc32(signature.encode()) % (1 << 24))  # exact in float64
+        fits = sizes["sum"] <= capacity and sizes["max"] <= capacity
+        head_sum = torch.cat([flags.to(device, torch.float64), torch.tensor([0.0 if fits else 1.0], device=device,
+                                                                            dtype=torch.float64)])
+        head_max = torch.tensor([check, -check, float(max(sizes["sum"], sizes["max"]))], dtype=torch.float64,
+                                device=device)
+        body = {}
+        for op, fill in (("sum", 0.0), ("max", -math.inf)):
+            pieces = [p.to(torch.float64) for p in packs[op]] if fits else []
+            used = sum(p.numel() for p in pieces)
+            body[op] = torch.cat([*pieces, torch.full((capacity - used,), fill, dtype=torch.float64, device=device)])
+        summed = all_reduce(torch.cat([head_sum, body["sum"]]), "sum").tolist()
+        maxed = all_reduce(torch.cat([head_max, body["max"]]), "max").tolist()
+        count = flags.numel()
+        overflow, check_max, check_min, needed = summed[count], maxed[0], -maxed[1], int(maxed[2])
+        values = None
+        if overflow == 0 and check_max == check_min:
+            flat = {"sum": summed[count + 1:], "max": maxed[3:], "min": []}
+            values = self._decode(flat, layout, host_where)
+        return AgreedReduction(values, summed[:count], needed)
+
+
+@dataclass
+class AgreedReduction:
+    """What ``SignalSet.reduce_agreed`` gives back: the reduced ``values`` (None when the ranks
+    held different signals), the summed fail-soft ``flags``, and the largest layout ``needed``."""
+
+    values: dict[str, float] | None
+    flags: list[float]
+    needed: int
 
 
 def _combine(kind: str, values: list[list[float]]) -> list[float | None]:

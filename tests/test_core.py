@@ -130,7 +130,7 @@ def test_clipping_from_the_monitors_norms_is_clip_grad_norm_to_the_bit(detection
     for a, b, c in zip(reference.parameters(), clipped.parameters(), unclipped.parameters()):
         assert torch.equal(a, b)
     assert any(not torch.equal(a, c) for a, c in zip(reference.parameters(), unclipped.parameters()))  # it did clip
-    assert core.summary.extremes["gradients/norm_max"] > 0.3  # the statistics are those before the clip
+    assert core.run_summary.extremes["gradients/norm_max"] > 0.3  # the statistics are those before the clip
 
 
 def test_clipping_falls_back_to_clip_grad_norm_when_the_probe_read_nothing():
@@ -145,11 +145,11 @@ def test_clipping_falls_back_to_clip_grad_norm_when_the_probe_read_nothing():
 
 def test_a_sharded_clip_never_uses_a_norm_left_from_an_earlier_step():
     """Sharded gradients clip by the whole model's norm from the step's own read; when that read
-    did not happen (detection disabled by a fault), clip_grad_norm_ clips, not a stale value."""
+    did not happen (its stages disabled by a fault), clip_grad_norm_ clips, not a stale value."""
     reference, _ = _train({}, clip_in_loop=0.3, steps=3)
     model, core = _monitored({"clip_grad_norm": 0.3, "strict": False})
-    core.gradients.sharded = True  # one process stands in for a shard of the whole model
-    core.guard.disabled["detection"] = "a fault"
+    core.reader.gradients.sharded = True  # one process stands in for a shard of the whole model
+    core.guard.disabled["step read"] = core.guard.disabled["signals"] = "a fault"  # no host read, no device record
     with pytest.warns(UserWarning, match="was not read this step"):
         _steps(model, core, 3)
     for a, b in zip(reference.parameters(), model.parameters()):

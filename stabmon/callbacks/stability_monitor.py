@@ -4,23 +4,16 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
 from typing_extensions import override
 
-from stabmon.alerts import AlertChannel
+from stabmon.adapter import TrainerAdapter
 from stabmon.callbacks._lightning import CALLBACK_BASES, logger_kind, namespace_of
-from stabmon.core import MonitorCore
-from stabmon.detectors import DetectionConfig
-from stabmon.interventions import InterventionConfig
 from stabmon.keys import logged_key, logged_metrics, split_layers
 from stabmon.probes.amp import loss_scale
 from stabmon.probes.batches import head_of_batch
-from stabmon.probes.sharpness import SharpnessConfig
-from stabmon.settings import MonitorOutputs, MonitorSettings
-from stabmon.sinks.reporter import Reporter
 
 if TYPE_CHECKING:
     import pytorch_lightning as pl
@@ -28,7 +21,7 @@ if TYPE_CHECKING:
 __all__ = ["StabilityMonitor"]
 
 
-class StabilityMonitor(MonitorOutputs, *CALLBACK_BASES):
+class StabilityMonitor(TrainerAdapter, *CALLBACK_BASES):
     r"""Watches a training run for the signs that come before a divergence.
 
     With no arguments it samples every 50th step: on those steps every
@@ -128,49 +121,18 @@ class StabilityMonitor(MonitorOutputs, *CALLBACK_BASES):
         trainer.callback_metrics["stabmon-attention/entropy_min"]
     """
 
-    def __init__(
-        self,
-        *,
-        sample_every_n_steps: int = 50,
-        log_every_n_steps: int | None = None,
-        sharpness_every_n_steps: int | None = 2000,
-        sharpness: SharpnessConfig | None = None,
-        observe_only: bool = False,
-        detection: DetectionConfig | None = DetectionConfig(),
-        intervention: InterventionConfig | None = InterventionConfig(),
-        alerts: Sequence[AlertChannel] = (),
-        wandb_heatmap_every_n_steps: int = 500,
-        attention: bool = True,
-        logits: bool = True,
-        gradients: bool = True,
-        per_layer: bool = True,
-        compiled_probe_rows: int = 4,
-        clip_grad_norm: float | None = None,
-        log_key_prefix: str = "stabmon",
-        verbose: bool = True,
-        strict: bool | None = None,
-    ) -> None:
-        self.settings = settings = MonitorSettings(
-            sample_every_n_steps=sample_every_n_steps, log_every_n_steps=log_every_n_steps,
-            sharpness_every_n_steps=sharpness_every_n_steps, sharpness=sharpness, observe_only=observe_only,
-            detection=detection, intervention=intervention, alerts=alerts,
-            wandb_heatmap_every_n_steps=wandb_heatmap_every_n_steps, attention=attention, logits=logits,
-            gradients=gradients, per_layer=per_layer, compiled_probe_rows=compiled_probe_rows,
-            clip_grad_norm=clip_grad_norm,
-            log_key_prefix=log_key_prefix, verbose=verbose, strict=strict,
-        )
-        self.sample_every_n_steps = settings.sample_every_n_steps
-        self.log_key_prefix = settings.log_key_prefix
-        self.verbose = settings.verbose
-        self.alerts = settings.dispatcher()
-        self.wandb = None
-        self.reporter = Reporter(self.alerts, None)
-        self.core: MonitorCore | None = None
-        self.latest_metrics: dict[str, float] = {}
-        self._pending_state: dict[str, Any] | None = None
-        self._step_at_start: int | None = None
-        self._held_batch: Any = None
+    def __init__(self, **settings: Any) -> None:
+        super().__init__(**settings)
         self.stop_checkpoint: str | None = None
+        self._step_at_start: int | None = None
+
+    @property
+    def sample_every_n_steps(self) -> int:
+        return self.settings.sample_every_n_steps
+
+    @property
+    def log_key_prefix(self) -> str:
+        return self.settings.log_key_prefix
 
     @property
     @override
@@ -182,24 +144,19 @@ class StabilityMonitor(MonitorOutputs, *CALLBACK_BASES):
     def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
         if stage != "fit":
             return
-        self.core = self.settings.make_core(pl_module, trainer.log_every_n_steps)
-        if self.settings.sharpness_config is not None and not pl_module.automatic_optimization:
-            self.core.guard.warn_once(
-                "sharpness manual", "stabmon: the sharpness probe needs automatic optimization; it is off for this run."
-            )
-            self.core.sharpness = None
-        if self.settings.clip_grad_norm is not None and trainer.gradient_clip_val:
-            self.core.guard.warn_once(
-                "clip twice", f"stabmon: both `clip_grad_norm={self.settings.clip_grad_norm}` and the Trainer's "
-                f"`gradient_clip_val={trainer.gradient_clip_val}` clip the gradients; the Trainer's then reads them all "
-                "again for nothing it changes. Set one of them.")
         # fp16 AMP: Lightning's MixedPrecision (and FSDP's) keep their GradScaler here
-        self.core.grad_scaler = getattr(trainer.precision_plugin, "scaler", None)
-        if self._pending_state is not None:
-            self.core.load_state_dict(self._pending_state)
-            self._pending_state = None
+        core = self._start(pl_module, trainer.log_every_n_steps,
+                           grad_scaler=getattr(trainer.precision_plugin, "scaler", None))
+        if core.probes.sharpness is not None and not pl_module.automatic_optimization:
+            core.guard.disable("sharpness probe", "manual optimization")
+            self._say("sharpness manual", "stabmon: the sharpness probe needs automatic optimization; it is off for "
+                                          "this run.")
+        if self.settings.clip_grad_norm is not None and trainer.gradient_clip_val:
+            self._say("clip twice", f"stabmon: both `clip_grad_norm={self.settings.clip_grad_norm}` and the Trainer's "
+                      f"`gradient_clip_val={trainer.gradient_clip_val}` clip the gradients; the Trainer's then reads them "
+                      "all again for nothing it changes. Set one of them.")
         if trainer.is_global_zero:
-            self.core.guard.run("wandb", self._find_wandb, trainer)
+            core.guard.run("wandb", self._find_wandb, trainer)
 
     @override
     def on_train_batch_start(
@@ -210,10 +167,9 @@ class StabilityMonitor(MonitorOutputs, *CALLBACK_BASES):
         self._step_at_start = trainer.global_step
         self.core.start_step(trainer.global_step)
         if self.core.probe_due():  # a compiled model: the probes see an eager forward of a few rows
-            rows = head_of_batch(batch, self.core.compiled_probe_rows)
+            rows = head_of_batch(batch, self.settings.compiled_probe_rows)
             self.core.run_probe(lambda: _quiet_training_step(pl_module, rows))
-        if self.core.sharpness is not None and self._held_batch is None:
-            self._held_batch = head_of_batch(batch, self.core.sharpness.config.batch_size)
+        self._hold_batch(batch)
 
     @override
     def on_before_backward(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", loss: torch.Tensor) -> None:
@@ -226,16 +182,9 @@ class StabilityMonitor(MonitorOutputs, *CALLBACK_BASES):
     def on_before_optimizer_step(
         self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", optimizer: torch.optim.Optimizer
     ) -> None:
-        if self.core is None:
-            return
-        loss_fn = None
-        if self._held_batch is not None and self.core.sharpness_due():
-            held = self._held_batch
-
-            def loss_fn() -> torch.Tensor:
-                return _quiet_training_step(pl_module, held)
-
-        self.core.before_optimizer_step(loss_fn=loss_fn, optimizer=optimizer)
+        if self.core is not None:
+            loss_fn = self._held_loss_fn(lambda held: _quiet_training_step(pl_module, held))
+            self.core.before_optimizer_step(loss_fn=loss_fn, optimizer=optimizer)
 
     @override
     def on_train_batch_end(
@@ -247,12 +196,9 @@ class StabilityMonitor(MonitorOutputs, *CALLBACK_BASES):
         if trainer.global_step == self._step_at_start:
             return  # accumulating gradients: the optimizer has not stepped yet
         self.core.after_optimizer_step()
-        metrics = self.core.end_step()
+        metrics = self._finish_step(self._step_at_start, trainer.is_global_zero)
         if metrics:
             self._emit(trainer, self._step_at_start, metrics)
-        if trainer.is_global_zero:
-            self.core.guard.run("sinks", self.reporter.report, self.core, self._step_at_start,
-                               bool(metrics) and self.core.sampled)
         if self.core.stop_reason is not None and not trainer.should_stop:
             self._stop(trainer)
 
@@ -260,15 +206,9 @@ class StabilityMonitor(MonitorOutputs, *CALLBACK_BASES):
     def on_train_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         if self.core is None:
             return
-        self.core.close()
-        metrics = self.core.flush()
+        metrics = self._finish_training(trainer.is_global_zero)
         if metrics and self.core.step is not None:
             self._emit(trainer, self.core.step, metrics)
-        if trainer.is_global_zero and self.core.step is not None:
-            self.core.guard.run("sinks", self.reporter.report, self.core, self.core.step, False)
-        self.reporter.finish(self.core)
-        if self.verbose and trainer.is_global_zero:
-            print(self.summary(), flush=True)
 
     @override
     def on_exception(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", exception: BaseException) -> None:
@@ -283,16 +223,11 @@ class StabilityMonitor(MonitorOutputs, *CALLBACK_BASES):
     # -- state ------------------------------------------------------------------------------
     @override
     def state_dict(self) -> dict[str, Any]:
-        return self.core.state_dict() if self.core is not None else (self._pending_state or {})
+        return self._state()
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        if not state_dict:
-            return
-        if self.core is not None:
-            self.core.load_state_dict(state_dict)
-        else:
-            self._pending_state = dict(state_dict)
+        self._load_state(state_dict)
 
     # -- output -----------------------------------------------------------------------------
     def _stop(self, trainer: "pl.Trainer") -> None:
@@ -313,21 +248,14 @@ class StabilityMonitor(MonitorOutputs, *CALLBACK_BASES):
                 run = logger.experiment
         if run is None and "wandb" in sys.modules:
             run = sys.modules["wandb"].run
-        if run is None:
-            if trainer.loggers:
-                self.reporter.run = f"{trainer.loggers[0].name}/{trainer.loggers[0].version}"
-            return
-        from stabmon.sinks.wandb import WandbExtras
-
-        self.reporter.run = getattr(run, "name", None) or "wandb run"
-        self.wandb = self.reporter.wandb = WandbExtras(
-            run, prefix=self.log_key_prefix, heatmap_every_n_steps=self.settings.wandb_heatmap_every_n_steps)
-        self.wandb.define_metrics()
+        if run is not None:
+            self._attach_wandb(run)
+        elif trainer.loggers:
+            self.reporter.run = f"{trainer.loggers[0].name}/{trainer.loggers[0].version}"
 
     def _emit(self, trainer: "pl.Trainer", step: int, metrics: dict[str, float]) -> None:
         """To every logger (one chart per per-layer signal where the logger can draw it) and
         into ``callback_metrics``, so that ModelCheckpoint / EarlyStopping can monitor the values."""
-        self.latest_metrics.update(metrics)
         prefix = self.log_key_prefix
         flat = logged_metrics(prefix, metrics)
         # Like LearningRateMonitor: straight to the loggers at our own cadence.
@@ -344,9 +272,8 @@ class StabilityMonitor(MonitorOutputs, *CALLBACK_BASES):
                     logger.log_metrics(logged_metrics(prefix, plain), step=step)
                     for name, by_layer in series.items():
                         logger.experiment.add_scalars(logged_key(prefix, f"{name}/by_layer"), by_layer, step)
-                elif self.wandb is not None:
+                elif self.wandb is not None:  # the per-layer series go to W&B's line-series charts
                     logger.log_metrics(logged_metrics(prefix, plain), step=step)
-                    self.wandb.add_series(step, series)
                 else:
                     logger.log_metrics(flat, step=step)
         # One tensor for all values, viewed per key: no tensor constructor per key.

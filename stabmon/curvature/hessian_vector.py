@@ -28,7 +28,7 @@ import torch
 from stabmon._validation import check_in
 from stabmon.distributed import is_dtensor
 
-__all__ = ["hvp", "HVPFunction", "flat_dot", "flat_norm", "sharded_inner_products"]
+__all__ = ["hvp", "HVPFunction", "flat_dot", "flat_norm", "isolated_rng", "sharded_inner_products"]
 
 HVPFunction = Callable[[Sequence[torch.Tensor]], list[torch.Tensor]]
 LossFn = Callable[[], torch.Tensor]
@@ -71,7 +71,7 @@ def flat_norm(a: Sequence[torch.Tensor]) -> torch.Tensor:
 
 
 @contextlib.contextmanager
-def _isolated_rng(devices: list[torch.device], seed: int) -> Iterator[None]:
+def isolated_rng(devices: list[torch.device], seed: int) -> Iterator[None]:
     """Fork the global RNGs and seed them: repeatable dropout, the run's stream untouched."""
     cuda = sorted({d.index or 0 for d in devices if d.type == "cuda"})
     with torch.random.fork_rng(devices=cuda):
@@ -150,7 +150,7 @@ class _AutogradHVP:
 
     def _gradients(self) -> tuple[torch.Tensor, ...]:
         if self._grads is None:
-            with torch.enable_grad(), _isolated_rng([p.device for p in self.params], self.rng_seed), _math_attention():
+            with torch.enable_grad(), isolated_rng([p.device for p in self.params], self.rng_seed), _math_attention():
                 loss = self.loss_fn()
                 targets = [self.params[i] for i in self.trainable]
                 self._grads = torch.autograd.grad(loss, targets, create_graph=True, allow_unused=True)
@@ -182,7 +182,7 @@ class _FiniteDifferenceHVP:
         self.local = params  # the tensors moved along v (a sharded subclass: this rank's shards)
 
     def _gradient(self) -> tuple[torch.Tensor | None, ...]:
-        with torch.enable_grad(), _isolated_rng([p.device for p in self.params], self.rng_seed):
+        with torch.enable_grad(), isolated_rng([p.device for p in self.params], self.rng_seed):
             loss = self.loss_fn()
             return torch.autograd.grad(loss, [self.params[i] for i in self.trainable], allow_unused=True)
 
@@ -227,7 +227,7 @@ class _ShardedFiniteDifferenceHVP(_FiniteDifferenceHVP):
         for p in self.params:
             p.grad = None
         try:
-            with torch.enable_grad(), _isolated_rng([x.device for x in self.local], self.rng_seed):
+            with torch.enable_grad(), isolated_rng([x.device for x in self.local], self.rng_seed):
                 self.loss_fn().backward()
             return tuple((p.grad.to_local() if is_dtensor(p.grad) else p.grad).detach().clone()
                          if p.grad is not None else None for p in (self.params[i] for i in self.trainable))

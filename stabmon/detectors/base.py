@@ -15,6 +15,9 @@ SEVERITIES = ("info", "warning", "critical")
 class Finding:
     """Something a detector saw: which signal, how bad, its value against the threshold.
 
+    ``layer`` names the layer of a per-layer signal (``layer_02`` for
+    ``attention/max_logit/layer_02``), None for a global one.
+
     Example:
         >>> f = Finding(step=120, signal="loss/last", severity="warning", value=9.1, threshold=4.2,
         ...             message="loss spike: robust z-score 8.3 > 6", detector="loss_spike")
@@ -29,6 +32,7 @@ class Finding:
     threshold: float
     message: str
     detector: str = ""
+    layer: str | None = None
 
     @property
     def rank(self) -> int:

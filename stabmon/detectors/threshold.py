@@ -12,6 +12,11 @@ from stabmon.detectors.base import SEVERITIES, Detector, Finding, finite
 __all__ = ["NonFiniteDetector", "ThresholdDetector", "TrendDetector"]
 
 
+def _layer(signal: str, key: str) -> str | None:
+    """The layer part of a per-layer key of ``signal`` (None for the signal itself)."""
+    return key[len(signal) + 1:] if key != signal else None
+
+
 def _matching(signal: str, values: dict[str, float]) -> list[str]:
     """``signal`` and its per-layer keys (``signal/<layer>``); the per-layer ones win."""
     layered = [k for k in values if k.startswith(signal + "/")]
@@ -67,12 +72,14 @@ class ThresholdDetector(Detector):
                 if last is None or x > self.rearm * last:
                     self._fired[key] = x
                     out.append(Finding(step, key, self.severity, x, self.ceiling,
-                                       f"{key} is {x:.4g}, above {self.ceiling:.4g}{self.explain}", self.name))
+                                       f"{key} is {x:.4g}, above {self.ceiling:.4g}{self.explain}", self.name,
+                                       _layer(self.signal, key)))
             elif self.floor is not None and x < self.floor:
                 if last is None or x < last / self.rearm:
                     self._fired[key] = x
                     out.append(Finding(step, key, self.severity, x, self.floor,
-                                       f"{key} is {x:.4g}, below {self.floor:.4g}{self.explain}", self.name))
+                                       f"{key} is {x:.4g}, below {self.floor:.4g}{self.explain}", self.name,
+                                       _layer(self.signal, key)))
             else:
                 self._fired.pop(key, None)  # back to normal: the next crossing fires again
         return out
@@ -137,11 +144,11 @@ class TrendDetector(Detector):
             if self.direction == "up" and then > 0 and x >= self.factor * then and then >= self.active_above:
                 found = Finding(step, key, self.severity, x, self.factor * then,
                                 f"{key} grew {x / then:.1f}x over the last {self.lookback} samples "
-                                f"({then:.4g} -> {x:.4g})", self.name)
+                                f"({then:.4g} -> {x:.4g})", self.name, _layer(self.signal, key))
             elif self.direction == "down" and x > 0 and then >= self.factor * x and then <= self.active_below:
                 found = Finding(step, key, self.severity, x, then / self.factor,
                                 f"{key} fell {then / x:.1f}x over the last {self.lookback} samples "
-                                f"({then:.4g} -> {x:.4g})", self.name)
+                                f"({then:.4g} -> {x:.4g})", self.name, _layer(self.signal, key))
             if found is not None:
                 out.append(found)
                 hist.clear()

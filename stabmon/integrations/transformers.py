@@ -41,8 +41,7 @@ from __future__ import annotations
 
 import math
 import sys
-from collections.abc import Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -54,15 +53,8 @@ except ImportError as err:  # pragma: no cover - exercised in a subprocess by th
         "stabmon.integrations.transformers needs Hugging Face transformers: pip install 'stabmon[transformers]'"
     ) from err
 
-from stabmon.alerts import AlertChannel
-from stabmon.core import MonitorCore
-from stabmon.detectors import DetectionConfig
-from stabmon.interventions import InterventionConfig
+from stabmon.adapter import TrainerAdapter
 from stabmon.keys import logged_metrics
-from stabmon.probes.batches import head_of_batch
-from stabmon.probes.sharpness import SharpnessConfig
-from stabmon.settings import MonitorOutputs, MonitorSettings
-from stabmon.sinks.reporter import Reporter
 
 __all__ = ["StabilityMonitorCallback"]
 
@@ -115,14 +107,15 @@ def _inner_optimizer(optimizer: Any) -> torch.optim.Optimizer | None:
     return optimizer
 
 
-class StabilityMonitorCallback(MonitorOutputs, TrainerCallback):
+class StabilityMonitorCallback(TrainerAdapter, TrainerCallback):
     """``stabmon.StabilityMonitor`` as a ``transformers.TrainerCallback``.
 
-    Takes the arguments of ``StabilityMonitor`` (see its documentation for each default);
-    ``log_every_n_steps`` defaults to the Trainer's ``logging_steps``. With no arguments it
-    samples attention and logits every 50 steps, reads the gradient norm and the loss every
-    step, estimates sharpness every 2000 steps on the first rows of the first batch, detects,
-    acts and alerts.
+    Takes the arguments of ``StabilityMonitor`` (see its documentation for each default),
+    except ``clip_grad_norm`` (the Trainer's ``max_grad_norm`` is clipped from the monitor's
+    read already) and ``compiled_probe_rows``; ``log_every_n_steps`` defaults to the Trainer's
+    ``logging_steps``. With no arguments it samples attention and logits every 50 steps, reads
+    the gradient norm and the loss every step, estimates sharpness every 2000 steps on the first
+    rows of the first batch, detects, acts and alerts.
 
     After or during training, ``findings``, ``actions_taken`` and ``latest_metrics`` are the
     Lightning callback's; ``summary()`` prints the end-of-training table.
@@ -139,45 +132,21 @@ class StabilityMonitorCallback(MonitorOutputs, TrainerCallback):
         [entry for entry in trainer.state.log_history if "stabmon-attention/max_logit" in entry]
     """
 
-    def __init__(
-        self,
-        *,
-        sample_every_n_steps: int = 50,
-        log_every_n_steps: int | None = None,
-        sharpness_every_n_steps: int | None = 2000,
-        sharpness: SharpnessConfig | None = None,
-        observe_only: bool = False,
-        detection: DetectionConfig | None = DetectionConfig(),
-        intervention: InterventionConfig | None = InterventionConfig(),
-        alerts: Sequence[AlertChannel] = (),
-        wandb_heatmap_every_n_steps: int = 500,
-        attention: bool = True,
-        logits: bool = True,
-        gradients: bool = True,
-        per_layer: bool = True,
-        log_key_prefix: str = "stabmon",
-        verbose: bool = True,
-        strict: bool | None = None,
-    ) -> None:
-        self.settings = MonitorSettings(
-            sample_every_n_steps=sample_every_n_steps, log_every_n_steps=log_every_n_steps,
-            sharpness_every_n_steps=sharpness_every_n_steps, sharpness=sharpness, observe_only=observe_only,
-            detection=detection, intervention=intervention, alerts=alerts,
-            wandb_heatmap_every_n_steps=wandb_heatmap_every_n_steps, attention=attention, logits=logits,
-            gradients=gradients, per_layer=per_layer, log_key_prefix=log_key_prefix, verbose=verbose, strict=strict,
-        )
-        self.core: MonitorCore | None = None
-        self.reporter = Reporter(self.settings.dispatcher(), None)
-        self.latest_metrics: dict[str, float] = {}
+    refused: ClassVar[dict[str, str]] = {
+        "clip_grad_norm": "set TrainingArguments.max_grad_norm: the Trainer's clip is done from the monitor's "
+                          "read of the gradients already",
+        "compiled_probe_rows": "the Hugging Face adapter does not probe torch.compile-d models eagerly",
+    }
+
+    def __init__(self, **settings: Any) -> None:
+        super().__init__(**settings)
         self._trainer: transformers.Trainer | None = None
         self._handles: list[Any] = []
-        self._pending: dict[str, float] = {}
-        self._held: dict[str, Any] | None = None
+        self._unlogged: dict[str, float] = {}  # logged keys of the last emissions, for the Trainer's next log
         self._optimizer: torch.optim.Optimizer | None = None
         self._model: torch.nn.Module | None = None
         self._step_read = False  # gradients of this step already read (before clipping)
         self._probing = False
-        self._said: set[str] = set()
 
     # -- set-up ---------------------------------------------------------------------------------
     def on_init_end(self, args, state, control, **kwargs):  # noqa: ANN001, ANN201
@@ -186,17 +155,16 @@ class StabilityMonitorCallback(MonitorOutputs, TrainerCallback):
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):  # noqa: ANN001, ANN201
         self._trainer = self._trainer or _find_trainer()
         self._model, self._optimizer = model, _inner_optimizer(optimizer)
-        self.core = self.settings.make_core(model, args.logging_steps if args.logging_steps >= 1 else 50)
+        saved = (state.stateful_callbacks or {}).get(_STATE_KEY) if state.global_step > 0 else None  # resumed
         # fp16 AMP: accelerate's GradScaler. Before the clipping the gradients still carry its scale:
         # the core reads them unscaled (it asks the scaler whether unscale_ has run).
-        self.core.grad_scaler = getattr(getattr(self._trainer, "accelerator", None), "scaler", None)
-        saved = (state.stateful_callbacks or {}).get(_STATE_KEY)
-        if saved and state.global_step > 0:  # resumed from a checkpoint
-            self.core.load_state_dict(saved)
+        core = self._start(model, args.logging_steps if args.logging_steps >= 1 else 50, saved_state=saved,
+                           grad_scaler=getattr(getattr(self._trainer, "accelerator", None), "scaler", None))
         self._handles = [model.register_forward_pre_hook(self._before_forward, with_kwargs=True),
                          model.register_forward_hook(self._after_forward, always_call=True)]
         clips = bool(args.max_grad_norm and args.max_grad_norm > 0)
-        if self._trainer is not None and self.core.gradients is not None and _plain_gradient_norm(self._trainer, model):
+        if self._trainer is not None and core.reader.gradients is not None and _plain_gradient_norm(self._trainer,
+                                                                                                    model):
             self._take_over_gradient_norm(self._trainer, args.max_grad_norm if clips else None)
         elif self._trainer is not None and clips:
             clip = self._trainer._clip_grad_norm
@@ -210,7 +178,7 @@ class StabilityMonitorCallback(MonitorOutputs, TrainerCallback):
             self._say("clip", "stabmon: the Trainer was not found from the callback: gradient statistics are of the "
                               "gradients after clipping (max_grad_norm).")
         if state.is_world_process_zero:
-            self.core.guard.run("wandb", self._find_wandb, args)
+            core.guard.run("wandb", self._find_wandb, args)
 
     def _take_over_gradient_norm(self, trainer: transformers.Trainer, max_grad_norm: float | None) -> None:
         """The Trainer reads every gradient once per step for its ``grad_norm`` (its clip, or
@@ -251,20 +219,8 @@ class StabilityMonitorCallback(MonitorOutputs, TrainerCallback):
             trainer._get_grad_norm = norm_from_the_monitor
 
     def _find_wandb(self, args: Any) -> None:
-        if "wandb" not in (args.report_to or []) or "wandb" not in sys.modules or sys.modules["wandb"].run is None:
-            return
-        from stabmon.sinks.wandb import WandbExtras
-
-        run = sys.modules["wandb"].run
-        self.reporter.run = getattr(run, "name", None) or "wandb run"
-        self.reporter.wandb = WandbExtras(run, prefix=self.settings.log_key_prefix,
-                                          heatmap_every_n_steps=self.settings.wandb_heatmap_every_n_steps)
-        self.reporter.wandb.define_metrics()
-
-    def _say(self, key: str, message: str) -> None:
-        if key not in self._said and self.core is not None:
-            self._said.add(key)
-            self.core.guard.warn_once(key, message)
+        if "wandb" in (args.report_to or []) and "wandb" in sys.modules and sys.modules["wandb"].run is not None:
+            self._attach_wandb(sys.modules["wandb"].run)
 
     # -- the step ---------------------------------------------------------------------------------
     def on_step_begin(self, args, state, control, **kwargs):  # noqa: ANN001, ANN201
@@ -273,8 +229,8 @@ class StabilityMonitorCallback(MonitorOutputs, TrainerCallback):
             self.core.start_step(state.global_step)
 
     def _before_forward(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
-        if self._held is None and self.core is not None and self.core.sharpness is not None and module.training:
-            self._held = head_of_batch(dict(kwargs), self.core.sharpness.config.batch_size)
+        if self.core is not None and module.training and not self._probing:
+            self._hold_batch(dict(kwargs))
 
     def _after_forward(self, module: torch.nn.Module, args: tuple, output: Any) -> None:
         core = self.core
@@ -287,17 +243,17 @@ class StabilityMonitorCallback(MonitorOutputs, TrainerCallback):
         else:
             self._say("no loss", "stabmon: the model's output has no `loss` (no labels in the batch?): the loss "
                                  "signals and their spike detector are off.")
-        if core.sampled and core.capture.attention_calls == 0:
+        if core.sampled and core.probes.attention_calls == 0:
             impl = getattr(getattr(module, "config", None), "_attn_implementation", None)
             if impl not in (None, "sdpa"):
                 self._say("eager", f"stabmon: the model computes attention with attn_implementation={impl!r}, which "
                                    "does not call F.scaled_dot_product_attention: load or build it with "
                                    "attn_implementation=\"sdpa\" for the attention signals.")
 
-    def _held_loss(self) -> torch.Tensor:
+    def _held_loss(self, held: dict[str, Any]) -> torch.Tensor:
         self._probing = True  # the sharpness probe's own forwards are not training steps
         try:
-            output = self._model(**self._held)
+            output = self._model(**held)
         finally:
             self._probing = False
         return output["loss"] if isinstance(output, dict) else output.loss
@@ -306,7 +262,8 @@ class StabilityMonitorCallback(MonitorOutputs, TrainerCallback):
         if self.core is None or self._step_read:
             return
         self._step_read = True
-        loss_fn = self._held_loss if self._held is not None and "labels" in self._held else None
+        has_labels = self._held_batch is not None and "labels" in self._held_batch
+        loss_fn = self._held_loss_fn(self._held_loss) if has_labels else None
         self.core.before_optimizer_step(loss_fn=loss_fn, optimizer=self._optimizer)
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):  # noqa: ANN001, ANN201
@@ -320,17 +277,9 @@ class StabilityMonitorCallback(MonitorOutputs, TrainerCallback):
         core = self.core
         if core is None:
             return
-        step = core.step
-        metrics = core.end_step()
+        metrics = self._finish_step(core.step, state.is_world_process_zero)
         if metrics:
-            self.latest_metrics.update(metrics)
-            self._pending.update(logged_metrics(self.settings.log_key_prefix, metrics))
-        if state.is_world_process_zero:
-            core.guard.run("sinks", self.reporter.report, core, step, bool(metrics) and core.sampled)
-            if metrics and self.reporter.wandb is not None:
-                from stabmon.keys import split_layers
-
-                self.reporter.wandb.add_series(step, split_layers(metrics)[1])
+            self._unlogged.update(logged_metrics(self.settings.log_key_prefix, metrics))
         if core.stop_reason is not None and not control.should_training_stop:
             control.should_training_stop = True
             control.should_save = True  # a checkpoint to resume from, at the step that stopped
@@ -339,12 +288,12 @@ class StabilityMonitorCallback(MonitorOutputs, TrainerCallback):
         if control.should_save:  # the checkpoint written after this event carries the monitor's state
             if state.stateful_callbacks is None:
                 state.stateful_callbacks = {}
-            state.stateful_callbacks[_STATE_KEY] = core.state_dict()
-        if self._pending and control.should_log and self._trainer is not None:
+            state.stateful_callbacks[_STATE_KEY] = self._state()
+        if self._unlogged and control.should_log and self._trainer is not None:
             self._log_through_trainer(control)
 
     def _log_through_trainer(self, control: Any) -> None:
-        pending, self._pending = self._pending, {}
+        pending, self._unlogged = self._unlogged, {}
         pending = {k: v for k, v in pending.items() if math.isfinite(v)}
         should_log = control.should_log  # Trainer.log resets it: the Trainer's own log entry is still due
         self._trainer.log(pending)
@@ -354,25 +303,16 @@ class StabilityMonitorCallback(MonitorOutputs, TrainerCallback):
     def on_log(self, args, state, control, logs=None, **kwargs):  # noqa: ANN001, ANN201
         # Without the Trainer: merge into its own entries (integrations listed before this
         # callback have seen the entry already; log_history gets the keys all the same).
-        if self._trainer is None and self._pending and logs is not None and "loss" in logs:
-            pending, self._pending = self._pending, {}
+        if self._trainer is None and self._unlogged and logs is not None and "loss" in logs:
+            pending, self._unlogged = self._unlogged, {}
             logs.update(pending)
             if state.log_history:
                 state.log_history[-1].update(pending)
 
     def on_train_end(self, args, state, control, **kwargs):  # noqa: ANN001, ANN201
-        core = self.core
-        if core is None:
+        if self.core is None:
             return
-        core.close()
         for handle in self._handles:
             handle.remove()
         self._handles = []
-        metrics = core.flush()
-        if metrics:
-            self.latest_metrics.update(metrics)
-        if state.is_world_process_zero:
-            core.guard.run("sinks", self.reporter.report, core, core.step, False)
-        self.reporter.finish(core)
-        if self.settings.verbose and state.is_world_process_zero:
-            print(self.summary(), flush=True)
+        self._finish_training(state.is_world_process_zero)

@@ -37,156 +37,20 @@ Example:
 
 from __future__ import annotations
 
-import logging
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+import math
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
 
-from stabmon.distributed import global_row_offset, local_tensor
-from stabmon.interventions.qk_locate import NotClippable, ParamRows, QKLocation, locate_qk
-from stabmon.kernels import attention_max_logit
-from stabmon.probes.capture import SDPAMode
+from stabmon.interventions.config import QKClipOverride
+from stabmon.interventions.qk_layer import ArmedLayer
+from stabmon.interventions.qk_locate import NotClippable, QKLocation, locate_qk
+from stabmon.kernels import attention_max_logit  # noqa: F401  (the module docstring's example uses it)
 from stabmon.probes.compiled import canonical_name, get_parameter, get_submodule
 from stabmon.signals import AllReduce, SignalSet, active_all_reduce
 
-__all__ = ["QKClipOverride", "QKClipper"]
-
-log = logging.getLogger("stabmon")
-
-
-@dataclass(frozen=True)
-class QKClipOverride:
-    """The query and key entries of one attention module, given by hand.
-
-    For layers the automatic location refuses (an exotic layout), or to pin it down.
-
-    Args:
-        module: qualified name of the module that calls SDPA (``"transformer.h.0.attn"``).
-        query: ``(parameter name, rows of each query head)`` pairs: the rows (dim 0; the
-            entries, for a bias) of that parameter that feed query head ``h``.
-        key: the same for the key heads (fewer than the query heads under GQA).
-
-    Example:
-        >>> QKClipOverride("attn", query=(("attn.q.weight", ((0, 1), (2, 3))),),
-        ...                key=(("attn.k.weight", ((0, 1), (2, 3))),)).module
-        'attn'
-    """
-
-    module: str
-    query: tuple[tuple[str, tuple[tuple[int, ...], ...]], ...]
-    key: tuple[tuple[str, tuple[tuple[int, ...], ...]], ...]
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.module, str):
-            raise ValueError(f"`module` must be a str, got {self.module!r}")
-        for field_name in ("query", "key"):
-            pairs = getattr(self, field_name)
-            if not pairs or not all(isinstance(n, str) and len(rows) > 0 for n, rows in pairs):
-                raise ValueError(f"`{field_name}` must hold (parameter name, rows per head) pairs, got {pairs!r}")
-        heads = {len(rows) for _, rows in self.query}
-        key_heads = {len(rows) for _, rows in self.key}
-        if len(heads) != 1 or len(key_heads) != 1 or next(iter(heads)) % next(iter(key_heads)):
-            raise ValueError(f"every `query` pair must list the same number of heads, a multiple of the key "
-                             f"heads; got {sorted(heads)} query and {sorted(key_heads)} key heads")
-
-    def location(self) -> QKLocation:
-        heads, groups = len(self.query[0][1]), len(self.key[0][1])
-        params = [ParamRows(name, "q", 0, [list(r) for r in rows]) for name, rows in self.query]
-        params += [ParamRows(name, "k", 0, [list(r) for r in rows]) for name, rows in self.key]
-        return QKLocation(self.module, heads, groups, [h // (heads // groups) for h in range(heads)], params)
-
-
-class _MaxLogitMode(SDPAMode):
-    """Inside an armed module's forward: per-head max logit of its SDPA call(s)."""
-
-    def __init__(self, layer: _ArmedLayer) -> None:
-        super().__init__()
-        self.layer = layer
-
-    def on_attention(self, q, k, *, attn_mask, is_causal, scale):  # noqa: ANN001
-        layer = self.layer
-        occurrence, layer.calls = layer.calls, layer.calls + 1
-        if occurrence != layer.occurrence:
-            return
-        head_max = attention_max_logit(q, k, attn_mask=attn_mask, is_causal=is_causal, scale=scale).amax(dim=(0, 2))
-        layer.step_max = head_max if layer.step_max is None else torch.maximum(layer.step_max, head_max)
-
-
-class _ArmedLayer:
-    """One armed call site: its parameters, the slot of each entry in the factor vector, the measurement."""
-
-    def __init__(self, site: str, location: QKLocation, model: torch.nn.Module, alpha: float) -> None:
-        self.site, self.location, self.alpha = site, location, alpha
-        module_name, _, occ = site.partition("#")
-        self.occurrence = int(occ) if occ else 0
-        self.module = get_submodule(model, module_name)
-        heads, groups = location.query_heads, location.key_groups
-        self.step_max: torch.Tensor | None = None
-        self.calls = 0
-        self.updates: list[tuple[torch.Tensor, int, torch.Tensor]] = []  # (parameter, dim, slot per local entry)
-        by_param: dict[tuple[str, int], list[ParamRows]] = {}
-        for rows in location.params:
-            by_param.setdefault((rows.name, rows.dim), []).append(rows)
-        for (name, dim), entries in by_param.items():
-            param = get_parameter(model, name)
-            size = param.shape[dim]
-            slot = torch.zeros(size, dtype=torch.long)
-            for rows in entries:
-                base = 1 if rows.role == "q" else 1 + heads
-                for h, idx in enumerate(rows.heads):
-                    slot[idx] = base + h
-            first, count = global_row_offset(param) if dim == 0 else (0, size)
-            local = local_tensor(param)
-            self.updates.append((param, dim, slot[first:first + count].to(local.device)))
-        # MHA: the key group of each query head, for the key's share of gamma
-        self.query_of_group = torch.zeros(groups, dtype=torch.long)
-        for h, g in enumerate(location.key_of_query):
-            self.query_of_group[g] = h
-        self.handles: list[Any] = []
-        self._mode: _MaxLogitMode | None = None
-
-    def attach(self) -> None:
-        if not self.handles:
-            self.handles = [self.module.register_forward_pre_hook(self._enter),
-                            self.module.register_forward_hook(self._exit, always_call=True)]
-
-    def _enter(self, _module: torch.nn.Module, _args: Any) -> None:
-        self.calls = 0
-        self._mode = _MaxLogitMode(self)
-        self._mode.__enter__()
-        self._mode.listen()  # attention computed by hand and reported with record_attention
-
-    def _exit(self, _module: torch.nn.Module, _args: Any, _output: Any) -> None:
-        if self._mode is not None:
-            mode, self._mode = self._mode, None
-            mode.unlisten()
-            mode.__exit__(None, None, None)
-
-    def remove(self) -> None:
-        for handle in self.handles:
-            handle.remove()
-        self.handles = []
-        self._exit(self.module, None, None)
-
-    @torch.no_grad()
-    def rescale(self, head_max: torch.Tensor, tau: float) -> torch.Tensor:
-        """Scale the entries of the heads above ``tau``; returns the per-head gamma (1 = untouched)."""
-        gamma = torch.where(head_max > tau, tau / head_max, torch.ones_like(head_max))
-        if self.location.shared_keys:
-            f_query, f_key = gamma, torch.ones(self.location.key_groups, device=gamma.device)
-        else:
-            f_query = gamma.pow(self.alpha)
-            f_key = gamma[self.query_of_group.to(gamma.device)].pow(1 - self.alpha)
-        factors = torch.cat([torch.ones(1, device=gamma.device), f_query, f_key])
-        for param, dim, slot in self.updates:
-            local = local_tensor(param)
-            scale = factors.to(local.dtype)[slot]
-            shape = [1] * local.dim()
-            shape[dim] = -1
-            local.mul_(scale.view(shape))  # entries outside the clipped heads are multiplied by exactly 1
-        return gamma
+__all__ = ["QKClipper"]
 
 
 class QKClipper:
@@ -200,6 +64,8 @@ class QKClipper:
         overrides: hand-given locations (``QKClipOverride``) by module name.
         all_reduce: cross-rank reduction (max of the per-head maxima; default none).
         layer_names: maps a call site to its reported layer name (``layer_00``).
+        guard: runs the per-step measurement inside the user's forward (the monitor passes its
+            fail-soft guard: a fault there switches QK-clip off, never the training step).
     """
 
     def __init__(
@@ -213,6 +79,7 @@ class QKClipper:
         layer_names: Callable[[str], str] | None = None,
         seed: int = 0,
         hooks_between_probes: bool = True,
+        guard: Callable[..., Any] | None = None,
     ) -> None:
         self.model, self.tau, self.alpha = model, float(tau), alpha
         # False for a compiled model: the measuring hooks go on only around the eager probe
@@ -221,10 +88,14 @@ class QKClipper:
         self.overrides = {o.module: o for o in overrides}
         self._all_reduce = all_reduce
         self.layer_names = layer_names or (lambda site: site)
+        self._guard = guard or (lambda _stage, fn, *a, **kw: fn(*a, **kw))
         self.located: dict[str, QKLocation] = {}
         self.refused: dict[str, str] = {}  # site -> why (reported once)
         self.normalized: dict[str, str] = {}  # site -> the norm that bounds its logits
-        self.armed: dict[str, _ArmedLayer] = {}
+        self.armed: dict[str, ArmedLayer] = {}
+        # site -> query heads of every layer armed, in arming order: the layout of the per-step
+        # reduction over ranks, set before anything that may fail while arming
+        self._armed_heads: dict[str, int] = {}
         self._messages: list[str] = []
         self._generator = torch.Generator().manual_seed(seed)
         self._names: dict[int, str] | None = None
@@ -304,7 +175,7 @@ class QKClipper:
 
     # -- arming and clipping -----------------------------------------------------------------
     def can_arm(self, site: str) -> bool:
-        return site in self.located and site not in self.armed
+        return site in self.located and site not in self._armed_heads
 
     def arm(self, site: str, step: int, head_max: torch.Tensor | None = None, why: str = "") -> str | None:
         """Start measuring ``site`` every step; clip it now when ``head_max`` (this step's
@@ -312,7 +183,8 @@ class QKClipper:
         if not self.can_arm(site):
             return None
         location = self.located[site]
-        layer = self.armed[site] = _ArmedLayer(site, location, self.model, self.alpha)
+        self._armed_heads[site] = location.query_heads
+        layer = self.armed[site] = ArmedLayer(site, location, self.model, self.alpha, self._guard)
         if self.hooks_between_probes:
             layer.attach()
         detail = (f'armed layer "{self.layer_names(site)}" ({location.module or "the model"}): heads above '
@@ -321,32 +193,84 @@ class QKClipper:
             self._clip([(layer, head_max)])
         return detail
 
+    def route(self, findings: Sequence[Any], site_of_layer: Mapping[str, str], step: int) -> tuple[list[Any], list[str]]:
+        """Attention findings of a layer QK-clip can act on go to QK-clip, which targets their
+        cause: it arms the layer. Returns the findings left for the LR rungs and the details of
+        the layers armed now (each finding's ``layer`` names the reported layer: ``layer_02``)."""
+        rest, details = [], []
+        for finding in findings:
+            layer = getattr(finding, "layer", None)
+            family = finding.signal.split("/", 1)[0]
+            site = site_of_layer.get(layer) if family == "attention" and layer else None
+            if site is None or not (site in self._armed_heads or self.can_arm(site)):
+                rest.append(finding)
+                continue
+            if site not in self._armed_heads:
+                detail = self.arm(site, step, why=finding.message)
+                if detail is not None:
+                    details.append(detail)
+        return rest, details
+
+    def arm_above_tau(self, step: int, maxima: Mapping[str, tuple[float, torch.Tensor]]) -> list[str]:
+        """At a sample: arm (and clip now) every located layer whose max logit passed tau.
+        ``maxima`` maps a call site to its max logit over ranks and its per-head maxima."""
+        details = []
+        for site, (value, head_max) in maxima.items():
+            if value > self.tau and self.can_arm(site):
+                detail = self.arm(site, step, head_max=head_max, why=f"its max logit is {value:.4g}")
+                if detail is not None:
+                    details.append(detail)
+        return details
+
     def discard(self) -> None:
         """Forget this step's measurements (a skipped step: nothing is rescaled)."""
         for layer in self.armed.values():
             layer.step_max = None
 
     def apply(self) -> None:
-        """After the optimizer step: clip every armed layer measured in this step."""
-        measured = [(layer, layer.step_max) for layer in self.armed.values() if layer.step_max is not None]
-        for layer, _ in measured:
+        """After the optimizer step: clip every armed layer with this step's per-head maxima.
+
+        With several ranks the maxima of every armed layer are reduced in one fixed layout
+        (a layer not measured here, after a fault, sends ``-inf``): every rank clips with the
+        same values and calls the same collective, whatever failed where.
+        """
+        if active_all_reduce(self._all_reduce) is None:
+            measured = [(layer, layer.step_max) for layer in self.armed.values() if layer.step_max is not None]
+        else:
+            measured = [(self.armed.get(site), self._step_max_or_empty(site, heads))
+                        for site, heads in self._armed_heads.items()]
+        for layer in self.armed.values():
             layer.step_max = None
         if measured:
             self._clip(measured)
 
-    def _clip(self, measured: list[tuple[_ArmedLayer, torch.Tensor]]) -> None:
+    def _step_max_or_empty(self, site: str, heads: int) -> torch.Tensor:
+        layer = self.armed.get(site)
+        if layer is not None and layer.step_max is not None:
+            return layer.step_max
+        device = next((p.device for p in self.model.parameters()), torch.device("cpu"))
+        return torch.full((heads,), -math.inf, device=device)
+
+    def _clip(self, measured: list[tuple[ArmedLayer | None, torch.Tensor]]) -> None:
         all_reduce = active_all_reduce(self._all_reduce)
         maxima = [m.float() for _, m in measured]
         if all_reduce is not None:  # every rank clips with the same S_h: weights stay identical
             packed = all_reduce(torch.cat(maxima), "max")
             maxima = list(packed.split([m.numel() for m in maxima]))
         for (layer, _), head_max in zip(measured, maxima):
+            if layer is None:
+                continue
             gamma = layer.rescale(head_max, self.tau)
             clipped = (gamma < 1).sum().float()
             site = layer.site
             self._count[site] = self._count.get(site, 0) + clipped
             self._min_gamma = gamma.min() if self._min_gamma is None else torch.minimum(self._min_gamma, gamma.min())
             self._clipped = self._clipped + clipped
+
+    @property
+    def clipped_heads(self) -> torch.Tensor | float:
+        """Head clips since the last ``reset_interval`` (a device tensor once a clip ran)."""
+        return self._clipped
 
     def attach_hooks(self) -> None:
         for layer in self.armed.values():
@@ -360,6 +284,7 @@ class QKClipper:
     def disarm_all(self) -> None:
         self.remove_hooks()
         self.armed.clear()
+        self._armed_heads.clear()
 
     # -- metrics -------------------------------------------------------------------------------
     def reset_interval(self) -> None:
@@ -370,9 +295,9 @@ class QKClipper:
     def signals(self, out: SignalSet) -> None:
         """``actions/qk_clip_count`` (head clips in the interval), ``actions/qk_clip_min_gamma``
         (smallest factor, when a head was clipped), ``actions/qk_clip_armed`` and per-layer counts."""
-        if not self.armed:
+        if not self._armed_heads:
             return
-        out.add_host("actions/qk_clip_armed", float(len(self.armed)), op=None)
+        out.add_host("actions/qk_clip_armed", float(len(self._armed_heads)), op=None)
         if not self._count:
             out.add_host("actions/qk_clip_count", 0.0, op=None)
             return
@@ -395,6 +320,7 @@ class QKClipper:
         for site, loc in state.get("armed", {}).items():
             location = QKLocation.from_dict(loc)
             self.located[site] = location
-            self.armed[site] = _ArmedLayer(site, location, self.model, self.alpha)
+            self._armed_heads[site] = location.query_heads
+            self.armed[site] = ArmedLayer(site, location, self.model, self.alpha, self._guard)
             if self.hooks_between_probes:
                 self.armed[site].attach()

@@ -14,6 +14,7 @@ With ``directory`` the snapshot goes to disk: ``torch.save`` of the copies, or
 from __future__ import annotations
 
 import copy
+import os
 from pathlib import Path
 from typing import Any
 
@@ -79,7 +80,16 @@ class Snapshotter:
 
     @property
     def available(self) -> bool:
+        """True once a snapshot was taken."""
         return self.step is not None
+
+    def restorable(self) -> bool:
+        """True when the snapshot can still be read (its files, with ``directory``, are there)."""
+        if self.step is None:
+            return False
+        if self.directory is None or self._state is not None:
+            return True
+        return (self.directory / _FILE).is_file() or (self.directory / _DCP_DIR).is_dir()
 
     @staticmethod
     def _params(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
@@ -95,9 +105,10 @@ class Snapshotter:
                 "optimizer": None if optimizer is None else
                 [_copy(optimizer.state[p]) if p in optimizer.state else None for p in self._params(optimizer)],
             }
-            if self.directory is not None:
+            if self.directory is not None:  # written aside, then renamed: a failed write keeps the last snapshot
                 self.directory.mkdir(parents=True, exist_ok=True)
-                torch.save(state, self.directory / _FILE)
+                torch.save(state, self.directory / f"{_FILE}.tmp")
+                os.replace(self.directory / f"{_FILE}.tmp", self.directory / _FILE)
             else:
                 self._state = state
         self.step = step

@@ -16,7 +16,7 @@ from stabmon.curvature.hessian_vector import sharded_inner_products
 from stabmon.distributed import is_dtensor, local_tensor
 from stabmon.signals import SignalSet, torch_distributed_all_reduce
 
-__all__ = ["SharpnessConfig", "SharpnessProbe"]
+__all__ = ["SharpnessConfig", "SharpnessProbe", "buffers_preserved"]
 
 
 @dataclass(frozen=True)
@@ -67,7 +67,7 @@ class SharpnessConfig:
 
 
 @contextlib.contextmanager
-def _buffers_preserved(model: torch.nn.Module) -> Iterator[None]:
+def buffers_preserved(model: torch.nn.Module) -> Iterator[None]:
     """BatchNorm running statistics and other buffers come back exactly as they were."""
     saved = [(b, b.detach().clone()) for b in model.buffers()]
     try:
@@ -107,6 +107,31 @@ class SharpnessProbe:
     def should_run(self, step: int) -> bool:
         return step % self.config.every_n_steps == 0
 
+    def vector_bytes(self, model: torch.nn.Module) -> int:
+        """Bytes of one vector shaped like this rank's trainable parameters (float32 or wider)."""
+        params = [local_tensor(p) for p in model.parameters() if p.requires_grad]
+        return sum(p.numel() * max(p.element_size(), 4) for p in params)
+
+    def preflight(self, model: torch.nn.Module) -> None:
+        """Raise ``torch.OutOfMemoryError`` before any work when the estimate's vectors cannot fit
+        in the free memory of this rank's device: Lanczos keeps up to ``iters`` of them, power
+        iteration and the HVPs a handful. Checked where the device reports its free memory (CUDA).
+
+        The monitor runs it before the step's read, so that a rank that would run out says so
+        with the read and every rank skips the estimate (under FSDP2 an estimate that fails
+        half-way on one rank would leave the others waiting in its collectives).
+        """
+        device = next((local_tensor(p).device for p in model.parameters() if p.requires_grad), None)
+        if device is None or device.type != "cuda":
+            return
+        vectors = (self.config.iters if self.config.method == "lanczos" else 1) + 4
+        need = vectors * self.vector_bytes(model)
+        free, _ = torch.cuda.mem_get_info(device)
+        if need > free:
+            raise torch.OutOfMemoryError(
+                f"the sharpness probe needs about {need / 2**30:.1f} GiB for {vectors} parameter-sized vectors "
+                f"and {free / 2**30:.1f} GiB are free on {device}; lower SharpnessConfig.iters or use method='power'")
+
     def measure(
         self, loss_fn: Callable[[], torch.Tensor], model: torch.nn.Module, optimizer: torch.optim.Optimizer | None
     ) -> dict[str, float]:
@@ -138,7 +163,7 @@ class SharpnessProbe:
             gen.manual_seed(seed * 1_000_003 + (dist.get_rank() if dist.is_initialized() else 0))
             shapes = [local_tensor(p) for p in params]
             context = sharded_inner_products(lambda t: torch_distributed_all_reduce(t, "sum"))
-        with _buffers_preserved(model), context:
+        with buffers_preserved(model), context:
             fn = hvp(loss_fn, params, mode=mode, rng_seed=seed)
             est = top_eigenvalue(fn, shapes, iters=cfg.iters, tol=cfg.tol, method=cfg.method, generator=gen)
             out["sharpness/top_eigenvalue"] = est.value

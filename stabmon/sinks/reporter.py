@@ -2,50 +2,72 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from stabmon._failsoft import FailSoft
 from stabmon.alerts import AlertDispatcher
-from stabmon.core import MonitorCore
+from stabmon.detectors.base import Finding
+from stabmon.interventions.policy import Action
 from stabmon.sinks.wandb import WandbExtras
 
 __all__ = ["Reporter"]
 
 
 class Reporter:
-    """Sends what a ``MonitorCore`` found and did since the last call, once, from one process.
+    """Sends the findings and actions that are new since the last call, once, from one process.
+
+    Alerts and W&B run under stages of their own (``alerts``, ``wandb``): a fault in one
+    switches it off and leaves the other, and training, alone.
 
     Args:
         alerts: the alert dispatcher, or None.
         wandb: the W&B extras of the run, or None.
         run: the run's name in alert texts.
+        guard: the monitor's fail-soft guard.
 
     Example::
 
         reporter = Reporter(AlertDispatcher([LogAlert()]), None, run="my-run")
-        reporter.report(core, step, sampled=True)    # after each step, on rank 0
-        reporter.finish(core)                         # at the end of training
+        reporter.report(step, core.findings, core.actions_taken)       # after each step, on rank 0
+        reporter.finish(step)                                           # at the end of training
     """
 
-    def __init__(self, alerts: AlertDispatcher | None, wandb: WandbExtras | None, run: str = "run") -> None:
+    def __init__(self, alerts: AlertDispatcher | None, wandb: WandbExtras | None, run: str = "run",
+                 guard: FailSoft | None = None) -> None:
         self.alerts, self.wandb, self.run = alerts, wandb, run
+        self.guard = guard or FailSoft()
         self._seen = (0, 0)  # findings and actions already sent
 
-    def report(self, core: MonitorCore, step: int, sampled: bool) -> None:
-        """New findings and actions to the alert channels and W&B; heatmaps on sampled steps."""
-        seen_findings, seen_actions = self._seen
-        findings = core.findings[seen_findings:]
-        actions = core.actions_taken[seen_actions:]
-        self._seen = (len(core.findings), len(core.actions_taken))
-        if findings and self.alerts is not None:
-            self.alerts.dispatch(findings, actions, run=self.run)
-        if self.wandb is not None:
-            if findings or actions:
-                self.wandb.record(findings, actions)
-            if sampled:
-                self.wandb.heatmaps(step, core.last_head_maps, core.attention_modules)
+    def skip_to(self, findings: Sequence[Finding], actions: Sequence[Action]) -> None:
+        """Count what is there as sent (a run resumed from a checkpoint: its old findings)."""
+        self._seen = (len(findings), len(actions))
 
-    def finish(self, core: MonitorCore) -> None:
+    def report(self, step: int, findings: Sequence[Finding], actions: Sequence[Action], *,
+               head_maps: Mapping[str, Mapping[str, Any]] | None = None,
+               attention_modules: Mapping[str, str] | None = None) -> None:
+        """The new ``findings`` and ``actions`` (the monitor's whole lists) to the alert channels
+        and W&B; ``head_maps`` (a sample's per-head maps) to W&B when given."""
+        seen_findings, seen_actions = self._seen
+        new_findings, new_actions = findings[seen_findings:], actions[seen_actions:]
+        self._seen = (len(findings), len(actions))
+        if new_findings and self.alerts is not None:
+            self.guard.run("alerts", self.alerts.dispatch, new_findings, new_actions, run=self.run)
+        if self.wandb is not None:
+            if new_findings or new_actions:
+                self.guard.run("wandb", self.wandb.record, new_findings, new_actions)
+            if head_maps:
+                self.guard.run("wandb", self.wandb.heatmaps, step, head_maps, dict(attention_modules or {}))
+
+    def add_series(self, step: int, series: dict[str, dict[str, float]]) -> None:
+        """The per-layer points of one emission, for W&B's line-series charts."""
+        if self.wandb is not None and series:
+            self.guard.run("wandb", self.wandb.add_series, step, series)
+
+    def finish(self, step: int | None) -> None:
         """End of training: the events table and the per-layer charts to W&B, queued alerts out."""
-        if self.wandb is not None and core.step is not None:
-            core.guard.run("wandb", self.wandb.log_events, core.step)
-            core.guard.run("wandb", self.wandb.log_series, core.step)
+        if self.wandb is not None and step is not None:
+            self.guard.run("wandb", self.wandb.log_events, step)
+            self.guard.run("wandb", self.wandb.log_series, step)
         if self.alerts is not None:
-            self.alerts.close()
+            self.guard.run("alerts", self.alerts.close)

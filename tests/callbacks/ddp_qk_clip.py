@@ -24,7 +24,7 @@ def main(out_dir: str) -> None:
 
     class Count(pl.Callback):
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-            clipped = mon.core.qk_clip._clipped if mon.core.qk_clip is not None else 0
+            clipped = mon.core.responder.qk_clip.clipped_heads if mon.core.responder.qk_clip is not None else 0
             clips.append(float(clipped))
 
     trainer = pl.Trainer(accelerator="cpu", devices=2, strategy="ddp", max_steps=15, logger=False,

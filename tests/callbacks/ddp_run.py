@@ -45,7 +45,7 @@ def main(out_dir: str, namespace: str, fp16: bool = False) -> None:
         "findings": [(f.step, f.signal, f.severity) for f in monitor.findings],
         "weights": float(sum(p.double().sum() for p in trainer.lightning_module.parameters())),
         "sharpness": monitor.latest_metrics.get("sharpness/top_eigenvalue"),
-        "overflow_steps": monitor.core.summary.totals["gradients/overflow_steps"],
+        "overflow_steps": monitor.core.run_summary.totals["gradients/overflow_steps"],
         "loss_scale": monitor.latest_metrics.get("gradients/loss_scale"),
     }
     with open(os.path.join(out_dir, f"rank{trainer.global_rank}.json"), "w") as f:

@@ -73,7 +73,7 @@ def test_a_layer_past_tau_is_armed_and_its_logits_stay_at_tau(family):
     armed = [a for a in mon.actions_taken if a.name == "qk_clip"]
     assert armed and armed[0].step == 0 and "armed layer" in armed[0].detail
     assert {a.name for a in mon.actions_taken} == {"qk_clip"}  # the LR rungs were not needed
-    assert len(armed) == len(mon.core.qk_clip.armed) <= 2  # one action per layer, not one per step
+    assert len(armed) == len(mon.core.responder.qk_clip.armed) <= 2  # one action per layer, not one per step
     later = [m["stabmon-attention/max_logit"] for s, m in sorted(logger.by_step.items())
              if s >= 5 and "stabmon-attention/max_logit" in m]
     assert later and max(later) < 4.0 * 1.5  # clipped back every step (the step after a clip moves it a bit)
@@ -95,7 +95,7 @@ def test_observe_only_and_tau_none_never_clip(kwargs):
     mon = monitor(**kwargs)
     fit(ClipLM(), mon, steps=8)
     assert not any(a.name == "qk_clip" for a in mon.actions_taken)
-    assert mon.core.qk_clip is None
+    assert mon.core.responder.qk_clip is None
 
 
 def test_nothing_fired_means_bit_identical_parameters():
@@ -113,7 +113,7 @@ def test_nothing_fired_means_bit_identical_parameters():
 def test_resume_keeps_the_armed_layers(tmp_path):
     mon = monitor()
     trainer, _ = fit(ClipLM(), mon, steps=6, default_root_dir=tmp_path)
-    armed = sorted(mon.core.qk_clip.armed)
+    armed = sorted(mon.core.responder.qk_clip.armed)
     assert armed
     ckpt = tmp_path / "armed.ckpt"
     trainer.save_checkpoint(ckpt)
@@ -121,7 +121,7 @@ def test_resume_keeps_the_armed_layers(tmp_path):
     assert sorted(state["qk_clip"]["armed"]) == armed
     resumed = monitor()
     _, logger = fit(ClipLM(), resumed, steps=12, default_root_dir=tmp_path, ckpt_path=ckpt)
-    assert sorted(resumed.core.qk_clip.armed) == armed
+    assert sorted(resumed.core.responder.qk_clip.armed) == armed
     assert not any(a.name == "qk_clip" and a.step >= 6 for a in resumed.actions_taken)  # not armed twice
     counts = [m["stabmon-actions/qk_clip_count"] for s, m in logger.by_step.items()
               if s >= 6 and "stabmon-actions/qk_clip_count" in m]

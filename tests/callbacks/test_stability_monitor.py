@@ -150,7 +150,7 @@ def test_partly_frozen_model_and_missing_gradients():
         trainer = quiet_trainer(max_steps=4, callbacks=[_DropGrads(), monitor])
         trainer.fit(module, regression_loader())
     assert sum("gradient" in str(w.message) for w in record) == 1
-    assert monitor.core.gradients.names == ["net.2.weight", "net.2.bias"]
+    assert monitor.core.reader.gradients.names == ["net.2.weight", "net.2.bias"]
 
 
 class _DropGrads(pl.Callback):
@@ -349,7 +349,7 @@ def test_state_dict_round_trip(tmp_path):
     fresh.load_state_dict(loaded)
     assert fresh.state_dict() == state  # before setup: kept until the fit starts
     fit(TinyLM(), token_loader(), fresh, max_steps=2)
-    assert fresh.core.summary.first_step == 0 and fresh.core.summary.extremes.keys() >= state["summary"]["extremes"].keys()
+    assert fresh.core.run_summary.first_step == 0 and fresh.core.run_summary.extremes.keys() >= state["summary"]["extremes"].keys()
 
 
 def test_every_hook_is_a_real_callback_hook():

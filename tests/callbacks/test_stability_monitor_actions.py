@@ -42,7 +42,7 @@ def test_repeated_critical_findings_roll_back_and_skip_batches():
     names = [(a.step, a.name) for a in monitor.actions_taken]
     assert names == [(21, "skip_step"), (22, "rollback")]
     assert "rollback 1/3" in monitor.actions_taken[1].detail
-    assert monitor.core.snapshots.step == 20
+    assert monitor.core.responder.snapshots.step == 20
     # steps 22 (the rollback) and 23-25 (skipped batches) left the weights at the snapshot
     assert all(torch.isfinite(p).all() for p in module.parameters())
 
@@ -94,7 +94,7 @@ def test_scale_lr_is_applied_around_the_step_and_the_schedule_resumes(tmp_path):
             if trainer.global_step == 5:
                 from stabmon.detectors import Finding
 
-                monitor.core._handle([Finding(5, "x", "warning", 2.0, 1.0, "forced", "test")], optimizer, True)
+                monitor.core.respond([Finding(5, "x", "warning", 2.0, 1.0, "forced", "test")], optimizer)
 
     quiet_trainer(max_steps=10, callbacks=[Warn(), monitor, Recorder()]).fit(Module(), token_loader())
     factors = [u / s for u, s in zip(used, scheduled)]
@@ -108,7 +108,7 @@ def test_resume_mid_intervention_continues_it(tmp_path):
     trainer = quiet_trainer(max_steps=10, callbacks=[monitor], default_root_dir=tmp_path)
     module = TinyLM()
     trainer.fit(module, token_loader(n=400))
-    monitor.core.lr_control.scale(8, 0.5, hold=20, recover=20)
+    monitor.core.responder.lr_control.scale(8, 0.5, hold=20, recover=20)
     ckpt = tmp_path / "mid.ckpt"
     trainer.save_checkpoint(ckpt)
     state = torch.load(ckpt, weights_only=True)["callbacks"][monitor.state_key]
@@ -116,7 +116,7 @@ def test_resume_mid_intervention_continues_it(tmp_path):
     resumed = StabilityMonitor(intervention=InterventionConfig(lr_hold=20, lr_recover=20), **FAST)
     trainer2 = quiet_trainer(max_steps=14, callbacks=[resumed], default_root_dir=tmp_path)
     trainer2.fit(TinyLM(), token_loader(n=400), ckpt_path=ckpt)
-    assert resumed.core.lr_control.factor(13) == 0.5  # still held: 8 + 20 > 13
+    assert resumed.core.responder.lr_control.factor(13) == 0.5  # still held: 8 + 20 > 13
     assert resumed.core.detectors.per_step[1].state_dict()["history"][:5] == \
         monitor.core.detectors.per_step[1].state_dict()["history"][:5]
 

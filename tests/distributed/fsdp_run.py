@@ -103,7 +103,7 @@ def train(out_dir: str, mode: str, flags: set[str], rank: int) -> None:
         record["hash_after"][step] = digest(list(model.parameters()) + optimizer_tensors(opt))
     record["actions"] = [a.to_dict() for a in core.actions_taken]
     record["findings"] = [(f.step, f.signal, f.severity) for f in core.findings]
-    record["qk_clip_armed"] = sorted(core.qk_clip.armed) if core.qk_clip is not None else []
+    record["qk_clip_armed"] = sorted(core.responder.qk_clip.armed) if core.responder.qk_clip is not None else []
     record["params"] = {n: float(torch.linalg.vector_norm(local_tensor(p).detach().double()) ** 2)
                         for n, p in model.named_parameters()}
     with open(os.path.join(out_dir, f"{mode}{rank}.json"), "w") as f:

@@ -228,7 +228,7 @@ def test_resume_from_a_checkpoint_keeps_the_detector_state(tmp_path):
     train(tmp_path, resumed, steps=14, save_strategy="no", resume=str(tmp_path / "out" / "checkpoint-10"))
     history = resumed.core.detectors.per_step[1].state_dict()["history"]
     assert history[:10] == saved and len(history) == 14
-    assert resumed.core.summary.first_step == 0  # the run's summary goes on from the first part
+    assert resumed.core.run_summary.first_step == 0  # the run's summary goes on from the first part
 
 
 def test_eager_attention_is_named_with_the_fix(tmp_path):

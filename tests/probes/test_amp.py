@@ -110,7 +110,7 @@ def test_overflow_steps_are_the_scalers_to_skip_counted_not_found(unscale_first)
         else:  # the norm of the unscaled gradients, whether they were read scaled or not
             assert m["gradients/norm"] == pytest.approx(r["reference"], rel=1e-6)
             assert m["gradients/norm_max"] == pytest.approx(r["reference"], rel=1e-6)
-    assert f"skipped on overflow {sum(skipped)}" in core.summary.format()
+    assert f"skipped on overflow {sum(skipped)}" in core.summary()
 
 
 def test_a_collapsing_loss_scale_is_critical_and_acted_on():

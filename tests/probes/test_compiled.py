@@ -112,8 +112,8 @@ def test_qk_clip_measures_and_clips_a_compiled_model_without_recompiling():
                            intervention=InterventionConfig(qk_clip_tau=4.0))
     graphs, limit_hits = fit_counting_graphs(CompiledClip(), [mon], steps=15)
     assert graphs == 1 and not limit_hits
-    assert sorted(mon.core.qk_clip.armed) == ["model.blocks.0", "model.blocks.1"]
-    assert mon.core.summary.totals["actions/qk_clip_count"] > 5  # measured on every step's eager probe
+    assert sorted(mon.core.responder.qk_clip.armed) == ["model.blocks.0", "model.blocks.1"]
+    assert mon.core.run_summary.totals["actions/qk_clip_count"] > 5  # measured on every step's eager probe
     assert mon.latest_metrics["attention/max_logit"] < 4.0 * 1.5
 
 

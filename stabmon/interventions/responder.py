@@ -1,0 +1,289 @@
+"""The responder: findings in, actions carried out, the same on every rank.
+
+``Responder`` keeps the findings and actions logs and does what the escalation policy
+decides: QK-clip (it gets the attention findings of layers it can clip first), the LR rungs
+(scale-down, re-warm, lasting cut, applied around the optimizer step), skipping a step,
+rolling back to a healthy snapshot (and taking those snapshots), stopping. Each kind of
+action runs under its own fail-soft stage: an action that fails is switched off alone, and
+measuring, detecting, logging and alerting go on.
+
+Decisions are made from values that are the same on every rank (reduced signals, and the
+fail-soft state once settled), and every action that must happen alike on every rank runs
+as ``agreed`` work (see ``stabmon._failsoft``). ``respond`` returns what the pipeline needs
+back (``Response``): whether the optimizer step is skipped, and until which step the spike
+detectors stay quiet (the monitor's own intervention raises the loss on purpose).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from stabmon._failsoft import FailSoft
+from stabmon.detectors.base import Finding
+from stabmon.distributed import is_rank_zero, local_tensor
+from stabmon.interventions.config import InterventionConfig
+from stabmon.interventions.lr import LRController, scale_lr_for_next_step
+from stabmon.interventions.policy import Action, Decision, EscalationPolicy
+from stabmon.interventions.qk_clip import QKClipper
+from stabmon.interventions.snapshot import Snapshotter
+from stabmon.probes.amp import gradients_scaled
+from stabmon.signals import AllReduce
+
+__all__ = ["Responder", "Response"]
+
+log = logging.getLogger("stabmon")
+
+
+@dataclass
+class Response:
+    """What the pipeline needs back from ``Responder.respond``: skip this optimizer step, and keep
+    the spike detectors quiet until ``quiet_until`` (None: no change)."""
+
+    skip_step: bool = False
+    quiet_until: int | None = None
+
+
+class Responder:
+    """Carries out the escalation ladder for one model.
+
+    Args:
+        model: the module acted on (snapshots, rollback, skipped gradients, QK-clip).
+        config: the ladder's settings, or None for no intervention (findings are still kept).
+        observe_only: keep the findings, never act.
+        qk_clip: whether QK-clip may run (it needs the attention probe).
+        guard: the monitor's fail-soft guard.
+        all_reduce: cross-rank reduction for QK-clip's per-head maxima.
+        layer_names: maps an attention call site to its reported layer name.
+
+    Example:
+        >>> responder = Responder(torch.nn.Linear(2, 1), InterventionConfig())
+        >>> warn = Finding(10, "loss/last", "warning", 5.0, 4.0, "spike", "loss_spike")
+        >>> responder.respond(10, [warn])
+        Response(skip_step=False, quiet_until=None)
+        >>> [a.name for a in responder.actions_taken], responder.lr_control.factor(10)
+        (['scale_lr'], 0.5)
+    """
+
+    def __init__(self, model: torch.nn.Module, config: InterventionConfig | None, *, observe_only: bool = False,
+                 qk_clip: bool = True, guard: FailSoft | None = None, all_reduce: AllReduce | None = None,
+                 layer_names: Callable[[str], str] | None = None) -> None:
+        self.model = model
+        self.guard = guard or FailSoft()
+        self.observe_only = observe_only
+        self.policy = EscalationPolicy(config) if config is not None else None
+        self.lr_control = LRController()
+        self.snapshots = Snapshotter(config.snapshot_dir) if config is not None else None
+        tau = config.qk_clip_tau if config is not None else None
+        self.qk_clip = (QKClipper(model, tau, alpha=config.qk_clip_alpha, overrides=config.qk_clip_overrides,
+                                  all_reduce=all_reduce, layer_names=layer_names, guard=self.guard.run)
+                        if tau is not None and qk_clip and not observe_only else None)
+        self.grad_scaler: Any = None
+        self.optimizer: torch.optim.Optimizer | None = None  # the last one seen
+        self.findings: list[Finding] = []
+        self.actions_taken: list[Action] = []
+        self.stop_reason: str | None = None
+        self.step_skipped = False  # this step's decision (every rank's), whether or not the skip itself worked
+        self._last_finding_step = -(10**9)
+        self._restore_lr: Callable[[], None] = lambda: None
+        self._interval_findings = {"warning": 0, "critical": 0}
+        self._interval_actions = 0
+
+    @property
+    def acting(self) -> bool:
+        return self.policy is not None and not self.observe_only
+
+    # -- before the step's read ----------------------------------------------------------------
+    def preflight(self, step: int) -> None:
+        """Checks whose outcome must travel with the step's read: a rollback that this rank could
+        not carry out (its snapshot files gone) switches rollback off on every rank before any
+        rank decides on one."""
+        if (self.acting and self.snapshots is not None and self.snapshots.available
+                and "rollback" not in self.guard.disabled and self.policy.rollback_due(step)
+                and not self.snapshots.restorable()):
+            self.guard.fail("rollback", f"the snapshot of step {self.snapshots.step} can no longer be read from "
+                                        f"{self.snapshots.directory}")
+
+    # -- findings -> actions ---------------------------------------------------------------------
+    def respond(self, step: int, findings: Sequence[Finding], *, optimizer: torch.optim.Optimizer | None = None,
+                before_step: bool = True, site_of_layer: Mapping[str, str] | None = None) -> Response:
+        """Keep ``findings`` and act on them as the policy decides. ``before_step``: the optimizer
+        step is still to come (a skip can still be done)."""
+        response = Response()
+        if before_step:
+            self.step_skipped = False
+        if not findings and not (self.policy is not None and self.policy.skipping(step)):
+            return response  # the common case: nothing to record, nothing to decide
+        self._record(step, findings)
+        if not self.acting:
+            return response
+        findings = self._route_to_qk_clip(step, list(findings), site_of_layer or {})
+        decision = self.guard.run("policy", self.policy.decide, step, findings, agreed=True,
+                                  lr_reduced=self.lr_control.active(step), snapshot_available=self._can_roll_back())
+        if decision is None:
+            return response
+        self._carry_out(step, decision, optimizer or self.optimizer, before_step, response)
+        return response
+
+    def _record(self, step: int, findings: Sequence[Finding]) -> None:
+        for f in findings:
+            self.findings.append(f)
+            self._interval_findings[f.severity] = self._interval_findings.get(f.severity, 0) + 1
+            if f.severity != "info":  # an info finding (e.g. past the edge of stability) is no sign of ill health
+                self._last_finding_step = step
+            if is_rank_zero():
+                log.log(logging.INFO if f.severity == "info" else logging.WARNING, "stabmon step %d: %s [%s]", step,
+                        f.message, f.severity)
+
+    def _route_to_qk_clip(self, step: int, findings: list[Finding], site_of_layer: Mapping[str, str]) -> list[Finding]:
+        """Attention findings of a layer QK-clip can act on arm that layer (the cause); only the
+        rest reach the LR rungs."""
+        if self.qk_clip is None or "qk-clip" in self.guard.disabled:
+            return findings
+        routed = self.guard.run("qk-clip", self.qk_clip.route, findings, site_of_layer, step, agreed=True)
+        if routed is None:
+            return findings
+        rest, details = routed
+        for detail in details:
+            self._act(step, "qk_clip", detail)
+        return rest
+
+    def _can_roll_back(self) -> bool:
+        """The same on every rank: the snapshot stages as settled, and a snapshot taken."""
+        disabled = self.guard.disabled
+        return bool(self.snapshots and self.snapshots.available and "rollback" not in disabled
+                    and "snapshot" not in disabled)
+
+    def _carry_out(self, step: int, decision: Decision, optimizer: torch.optim.Optimizer | None, before_step: bool,
+                   response: Response) -> None:
+        cfg = self.policy.config
+        done = {action.name: action.detail for action in decision.actions}
+        if decision.rollback and self.snapshots is not None:
+            restored = self.guard.run("rollback", self.snapshots.restore, self.model, optimizer, agreed=True)
+            if restored is None:
+                self.policy.rollback_failed()
+                skip_detail = f"the rollback failed; {done.pop('rollback')}"
+                done["skip_step"] = skip_detail.replace(", skipping the next", ", would have skipped the next")
+            else:
+                response.quiet_until = step + cfg.grace_steps
+                if is_rank_zero():
+                    log.warning("stabmon step %d: rolled back to the snapshot of step %d", step, restored)
+        if decision.scale_lr is not None and not self._attempt("lr control", self.lr_control.scale, step,
+                                                                decision.scale_lr, cfg.lr_hold, cfg.lr_recover):
+            done.pop("scale_lr", None)
+        if decision.rewarm:
+            if self._attempt("lr control", self.lr_control.rewarm, step, cfg.rewarm_start, cfg.rewarm_steps):
+                response.quiet_until = max(response.quiet_until or -1, step + cfg.grace_steps)
+            else:
+                done.pop("rewarm", None)
+        if decision.lr_cut is not None and not self._attempt("lr control", self.lr_control.cut, step, decision.lr_cut):
+            done.pop("lr_cut", None)
+        if decision.skip_step and before_step:
+            response.skip_step = self.step_skipped = True
+            if not self._attempt("skip step", self._skip_optimizer_step, optimizer):
+                done.pop("skip_step", None)
+        if decision.stop:
+            self.stop_reason = done.get("stop", "stop")
+        for name, detail in done.items():
+            self._act(step, name, detail)
+
+    def _attempt(self, stage: str, fn: Callable[..., Any], *args: Any) -> bool:
+        """Run an action every rank carries out alike; True when it was carried out."""
+        return self.guard.run(stage, lambda: (fn(*args), True)[1], agreed=True) is True
+
+    def _skip_optimizer_step(self, optimizer: torch.optim.Optimizer | None) -> None:
+        """Make the coming optimizer step leave the parameters and the optimizer state alone."""
+        if gradients_scaled(self.grad_scaler, optimizer):
+            # The scaler has yet to unscale, and its step raises when it finds no gradient to
+            # check: an inf in one gradient instead makes it skip the step itself (halving its
+            # scale, as on any overflow).
+            local = (local_tensor(p.grad) for p in self.model.parameters() if p.grad is not None)
+            grad = next((g for g in local if g.numel() > 0), None)  # a shard of this rank's that holds elements
+            if grad is not None:
+                grad[(0,) * grad.dim()] = math.inf
+                return
+        for p in self.model.parameters():
+            p.grad = None  # torch optimizers leave parameters and state alone without a grad
+
+    def _act(self, step: int, name: str, detail: str | None) -> None:
+        if detail is None:
+            return
+        self.actions_taken.append(Action(step, name, detail))
+        self._interval_actions += 1
+        if is_rank_zero():
+            log.warning("stabmon step %d: action %s: %s", step, name, detail)
+
+    def arm_above_tau(self, step: int, maxima: Mapping[str, tuple[float, torch.Tensor]]) -> None:
+        """At a sample: arm (and clip now) every located layer whose max logit passed tau."""
+        if self.qk_clip is None or not maxima:
+            return
+        for detail in self.guard.run("qk-clip", self.qk_clip.arm_above_tau, step, maxima, agreed=True) or []:
+            self._act(step, "qk_clip", detail)
+
+    # -- around the optimizer step ----------------------------------------------------------------
+    def before_optimizer_step(self, step: int, optimizer: torch.optim.Optimizer | None) -> None:
+        """Multiply the LR the scheduler set by the factor in force, for this step only."""
+        if optimizer is not None:
+            self.optimizer = optimizer
+            if not self.observe_only:
+                restore = self.guard.run("lr control", scale_lr_for_next_step, optimizer,
+                                         self.lr_control.factor(step), agreed=True)
+                self._restore_lr = restore or (lambda: None)
+
+    def after_optimizer_step(self) -> None:
+        self.guard.run("lr control", self._restore_lr, agreed=True)  # normally done by the step post-hook already
+        self._restore_lr = lambda: None
+        if self.qk_clip is not None and self.qk_clip.armed:
+            # A skipped (or rolled-back) step leaves the weights alone: so does QK-clip.
+            self.guard.run("qk-clip", self.qk_clip.discard if self.step_skipped else self.qk_clip.apply, agreed=True)
+        self.step_skipped = False
+
+    def end_step(self, step: int) -> None:
+        """Last thing in a step, after the detectors and QK-clip saw it: a snapshot if it is due
+        and the run has been healthy."""
+        if not self.acting or self.snapshots is None:
+            return
+        cfg = self.policy.config
+        healthy = step - self._last_finding_step > cfg.cooldown and not self.policy.skipping(step)
+        if cfg.rollback and healthy and step % cfg.snapshot_every_n_steps == 0:
+            self.guard.run("snapshot", self.snapshots.take, step, self.model, self.optimizer, agreed=True)
+
+    # -- emission -------------------------------------------------------------------------------------
+    def metrics(self, step: int | None) -> dict[str, float]:
+        """The interval's finding and action counts and the LR factor in force: host values, the
+        same on every rank (no reduction needed)."""
+        out = {
+            "actions/lr_factor": self.lr_control.factor(step) if step is not None else 1.0,
+            "actions/count": float(self._interval_actions),
+            "findings/warning": float(self._interval_findings.get("warning", 0)),
+            "findings/critical": float(self._interval_findings.get("critical", 0)),
+        }
+        self._interval_actions = 0
+        self._interval_findings = {"warning": 0, "critical": 0}
+        return out
+
+    # -- checkpointing -------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "policy": self.policy.state_dict() if self.policy is not None else None,
+            "lr_control": self.lr_control.state_dict(),
+            "qk_clip": self.qk_clip.state_dict() if self.qk_clip is not None else None,
+            "last_finding_step": self._last_finding_step,
+            "findings": [f.to_dict() for f in self.findings[-1000:]],
+            "actions": [a.to_dict() for a in self.actions_taken[-1000:]],
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if self.policy is not None and state.get("policy") is not None:
+            self.policy.load_state_dict(state["policy"])
+        self.lr_control.load_state_dict(state["lr_control"])
+        if self.qk_clip is not None and state.get("qk_clip") is not None:
+            self.qk_clip.load_state_dict(state["qk_clip"])
+        self._last_finding_step = int(state["last_finding_step"])
+        self.findings = [Finding(**f) for f in state["findings"]]
+        self.actions_taken = [Action(**a) for a in state["actions"]]
