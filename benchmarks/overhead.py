@@ -40,25 +40,37 @@ hooks make on an unsampled step (``torch.cuda.set_sync_debug_mode("warn")``). Pe
 each configuration of the example trains ``--memory_steps`` steps in a fresh process whose
 peak resident set size is compared with the monitor-off process. Writes
 ``benchmarks/out/overhead.json``.
+
+Code against code: ``--baseline=PATH`` (another checkout of stabmon, e.g. ``git worktree add
+/tmp/before HEAD~1``) times the same configurations with both trees in one run, each fit in a
+fresh process (``PYTHONPATH``), the order of the two alternating by round and configuration; it
+prints the hooks' time per step of each and their ratio per round (median and range), and writes
+``benchmarks/out/overhead_ab.json``::
+
+    python benchmarks/overhead.py --baseline=/tmp/before --only=small-default-log50,small-default-log1 --rounds=7
 """
 
 from __future__ import annotations
 
+import json
 import multiprocessing as mp
+import os
 import resource
 import statistics
+import subprocess
 import sys
 import time
 import warnings
 from collections import defaultdict
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.loggers import Logger
 
-from _common import StepTimer, load_example, machine, markdown_table, parse_options, write_json
+from _common import ROOT, StepTimer, load_example, machine, markdown_table, parse_options, write_json
 from stabmon import StabilityMonitor
 
 HOOKS = ("on_train_batch_start", "on_before_backward", "on_before_optimizer_step", "on_train_batch_end")
@@ -303,14 +315,69 @@ def _median_ms(runs: list[dict[str, Any]], key: str) -> str:
     return f"{statistics.median(values):.2f}" if values else "-"
 
 
+def _fit_in(tree: str, name: str, steps: int, segment: int, warmup: int) -> dict[str, Any]:
+    """One configuration's fit in a fresh process that imports stabmon from ``tree``."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([tree, os.environ.get("PYTHONPATH", "")])}
+    cmd = [sys.executable, __file__, f"--child={name}", f"--steps={steps}", f"--segment={segment}", f"--warmup={warmup}"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=3600)
+    if proc.returncode != 0:
+        raise SystemExit(f"the fit of {name} with {tree} failed:\n{proc.stderr[-3000:]}")
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    if not result["stabmon"].startswith(str(Path(tree).resolve())):
+        raise SystemExit(f"the fit of {name} imported stabmon from {result['stabmon']}, not from {tree}")
+    return result
+
+
+def compare_code(names: list[str], baseline: str, rounds: int, steps: int, segment: int, warmup: int) -> None:
+    """The hooks' time per monitored step with this tree and with ``baseline``, alternating."""
+    trees = {"this": str(ROOT), "baseline": str(Path(baseline).resolve())}
+    runs: dict[str, dict[str, list[dict[str, Any]]]] = {name: {"this": [], "baseline": []} for name in names}
+    for r in range(rounds):
+        for i, name in enumerate(names):
+            order = ["this", "baseline"] if (r + i) % 2 == 0 else ["baseline", "this"]
+            for which in order:
+                res = _fit_in(trees[which], name, steps, segment, warmup)
+                runs[name][which].append(res)
+                print(f"round {r + 1}/{rounds} {name:22s} {which:8s} hooks {sum(res['hook_ms'].values()):.3f} ms/step, "
+                      f"ordinary step {res['ordinary_step_hook_ms']:.3f} ms, step on/off {res['ratio']:.4f}", flush=True)
+    rows = []
+    for name in names:
+        this, base = runs[name]["this"], runs[name]["baseline"]
+        hooks = [sum(a["hook_ms"].values()) / sum(b["hook_ms"].values()) for a, b in zip(this, base)]
+        ordinary = [a["ordinary_step_hook_ms"] / b["ordinary_step_hook_ms"] for a, b in zip(this, base)]
+        rows.append([name, f"{statistics.median(sum(x['hook_ms'].values()) for x in this):.3f}",
+                     f"{statistics.median(sum(x['hook_ms'].values()) for x in base):.3f}",
+                     f"{statistics.median(hooks):.3f}", f"{min(hooks):.3f} .. {max(hooks):.3f}",
+                     f"{statistics.median(ordinary):.3f}", f"{min(ordinary):.3f} .. {max(ordinary):.3f}",
+                     f"{statistics.median(x['ratio'] for x in this):.3f} / {statistics.median(x['ratio'] for x in base):.3f}"])
+    table = markdown_table(["config", "hooks ms/step, this", "hooks ms/step, baseline", "this / baseline (median)",
+                            "range over rounds", "ordinary-step hooks, this / baseline", "range",
+                            "step time on/off, this / baseline"], rows)
+    print(table)
+    info = machine()
+    path = write_json("overhead_ab", {"machine": info, "baseline": trees["baseline"], "rounds": rounds, "steps": steps,
+                                      "runs": runs, "table": table})
+    print(f"\n{info['device']}, {info['date']}; JSON in {path}")
+
+
 def main(argv: list[str]) -> None:
-    opts = parse_options(argv, __doc__, values=("rounds", "steps", "segment", "warmup", "only", "floor", "memory_steps"))
+    opts = parse_options(argv, __doc__, values=("rounds", "steps", "segment", "warmup", "only", "floor", "memory_steps",
+                                                "baseline", "child"))
     rounds, steps = int(opts.get("rounds", 3)), int(opts.get("steps", 350))
     segment, warmup = int(opts.get("segment", 50)), int(opts.get("warmup", 2))
     names = opts["only"].split(",") if "only" in opts else list(SETUPS)
-    unknown = sorted(set(names) - set(SETUPS))
+    unknown = sorted(set(names + ([opts["child"]] if "child" in opts else [])) - set(SETUPS))
     if unknown:
         raise SystemExit(f"--only: unknown configurations {unknown}; allowed: {', '.join(SETUPS)}")
+    if "child" in opts:  # one fit, its result as JSON on the last line (for --baseline)
+        import stabmon
+
+        res = run_once(load_example(), SETUPS[opts["child"]], steps, segment, warmup, count_graphs=False)
+        print(json.dumps({**res, "stabmon": str(Path(stabmon.__file__).resolve())}))
+        return
+    if "baseline" in opts:
+        compare_code(names, opts["baseline"], rounds, steps, segment, warmup)
+        return
     example = load_example()
     results: dict[str, list[dict[str, Any]]] = {name: [] for name in names}
     for r in range(rounds):

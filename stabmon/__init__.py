@@ -1,4 +1,8 @@
-"""stabmon: a training-stability monitor for PyTorch Lightning.
+"""stabmon: a training-stability monitor. It measures the signs that come before a divergence
+(attention entropy and logits, output logits, gradient norms, Hessian sharpness), detects
+instability and acts on it (QK-clip, LR rungs, skip, rollback, stop), in a PyTorch Lightning
+callback (``StabilityMonitor``), a Hugging Face ``TrainerCallback``
+(``stabmon.integrations.transformers``) or a plain loop (``MonitorCore``).
 
 ``import stabmon`` is light: Lightning is imported only when ``StabilityMonitor`` is
 first touched.
@@ -12,8 +16,9 @@ from stabmon._failsoft import StabmonWarning
 from stabmon.core import MonitorCore
 from stabmon.detectors import DetectionConfig, Finding
 from stabmon.interventions import Action, InterventionConfig
-from stabmon.probes.sharpness import SharpnessConfig
 from stabmon.probes.capture import record_attention
+from stabmon.probes.sharpness import SharpnessConfig
+from stabmon.settings import MonitorOptions
 
 if TYPE_CHECKING:
     from stabmon.callbacks.stability_monitor import StabilityMonitor
@@ -25,6 +30,7 @@ __all__ = [
     "Finding",
     "InterventionConfig",
     "MonitorCore",
+    "MonitorOptions",
     "SharpnessConfig",
     "StabilityMonitor",
     "StabmonWarning",

@@ -30,9 +30,9 @@ T = TypeVar("T")
 # detecting, logging or alerting.
 STAGES: tuple[str, ...] = (
     "capture", "attention probe", "logit probe", "probe forward", "sharpness probe", "gradient probe",
-    "step read", "signals", "detection",
+    "step read", "step signals", "signals", "detection",
     "policy", "qk-clip", "lr control", "skip step", "rollback", "snapshot", "stop",
-    "sinks", "alerts", "wandb",
+    "sinks", "event log", "alerts", "wandb",
 )
 _INDEX = {stage: i for i, stage in enumerate(STAGES)}
 
@@ -86,6 +86,19 @@ class FailSoft:
                 raise
             self.fail(stage, err)
             return None
+
+    def attempt(self, stage: str, fn: Callable[..., Any], *args: Any, agreed: bool = False, **kwargs: Any) -> bool:
+        """Like ``run``, for work that returns nothing: True when it ran and did not raise."""
+        if stage in self.disabled or (stage in self.pending and not agreed):
+            return False
+        try:
+            fn(*args, **kwargs)
+            return True
+        except Exception as err:
+            if self.strict:
+                raise
+            self.fail(stage, err)
+            return False
 
     def fail(self, stage: str, err: BaseException | str) -> None:
         """Record that ``stage`` failed on this rank (pending until settled where ranks are synced)."""

@@ -25,6 +25,7 @@ from stabmon.interventions.policy import Action
 from stabmon.keys import split_layers
 from stabmon.probes.batches import head_of_batch
 from stabmon.settings import MonitorSettings, build_options
+from stabmon.sinks.events import EventLog
 from stabmon.sinks.reporter import Reporter
 
 __all__ = ["TrainerAdapter"]
@@ -78,12 +79,16 @@ class TrainerAdapter:
 
     # -- the run ---------------------------------------------------------------------------------
     def _start(self, model: torch.nn.Module, default_log_every_n_steps: int, *, grad_scaler: Any = None,
-               saved_state: dict[str, Any] | None = None) -> MonitorCore:
-        """The run's core and reporter; a checkpoint's state (given, or loaded before) goes in."""
+               saved_state: dict[str, Any] | None = None, run_dir: str | None = None) -> MonitorCore:
+        """The run's core and reporter; a checkpoint's state (given, or loaded before) goes in.
+        ``run_dir``: where the event log goes (the trainer's log or output directory)."""
+        settings = self.settings
         self.core = core = MonitorCore(model, grad_scaler=grad_scaler,
-                                       options=self.settings.core_options(default_log_every_n_steps))
-        alerts = AlertDispatcher(list(self.settings.alerts)) if self.settings.alerts else None
-        self.reporter = Reporter(alerts, None, guard=core.guard)
+                                       options=settings.core_options(default_log_every_n_steps))
+        alerts = AlertDispatcher(list(settings.alerts)) if settings.alerts else None
+        events = (EventLog(run_dir, heads_every_n_steps=settings.wandb_heatmap_every_n_steps)
+                  if settings.event_log and run_dir else None)
+        self.reporter = Reporter(alerts, None, guard=core.guard, events=events)
         state = saved_state or self._pending_state
         self._pending_state = None
         if state:
@@ -106,14 +111,16 @@ class TrainerAdapter:
 
     def _hold_batch(self, batch: Any) -> None:
         """Keep the first rows of the first training batch: the sharpness probe's held batch."""
-        rows = self.core.probes.sharpness_batch_size if self.core is not None else None
-        if self._held_batch is None and rows is not None:
+        if self._held_batch is not None or self.core is None:
+            return
+        rows = self.core.probes.sharpness_batch_size
+        if rows is not None:
             self._held_batch = head_of_batch(batch, rows)
 
     def _held_loss_fn(self, loss_of: Callable[[Any], torch.Tensor]) -> Callable[[], torch.Tensor] | None:
         """``loss_of(held batch)`` as the sharpness probe's loss, when an estimate is due."""
         held = self._held_batch
-        if held is None or self.core is None or not self.core.sharpness_due():
+        if held is None or not self.core.probes.sharpness_due():
             return None
         return lambda: loss_of(held)
 
@@ -122,10 +129,12 @@ class TrainerAdapter:
         core = self.core
         metrics = core.end_step()
         if is_global_zero:
-            sample = bool(metrics) and core.sampled
-            core.guard.run("sinks", self.reporter.report, step, core.findings, core.actions_taken,
-                           head_maps=core.last_head_maps if sample else None, attention_modules=core.attention_modules)
-            if metrics:
+            sample = bool(metrics) and core.probes.sampled
+            findings, actions = core.responder.findings, core.responder.actions_taken
+            if sample or self.reporter.behind(findings, actions):  # alerts, W&B: each guarded
+                self.reporter.report(step, findings, actions, head_maps=core.last_head_maps if sample else None,
+                                     attention_modules=core.attention_modules)
+            if metrics and self.reporter.wandb is not None:
                 self.reporter.add_series(step, split_layers(metrics)[1])
         return metrics
 
@@ -136,7 +145,7 @@ class TrainerAdapter:
         core.close()
         metrics = core.flush()
         if is_global_zero and core.step is not None:
-            core.guard.run("sinks", self.reporter.report, core.step, core.findings, core.actions_taken)
+            self.reporter.report(core.step, core.findings, core.actions_taken)
         self.reporter.finish(core.step)
         if self.settings.verbose and is_global_zero:
             print(self.summary(), flush=True)

@@ -1,21 +1,8 @@
 """The monitor without a trainer: one pipeline, driven step by step.
 
 ``MonitorCore`` is what the Lightning and Hugging Face adapters drive from their hooks, and it
-works the same from a hand-written loop::
-
-    core = MonitorCore(model, sample_every_n_steps=50, log_every_n_steps=10)
-    for step, (x, y) in enumerate(loader):
-        core.start_step(step)                 # installs the capture on sampled steps
-        loss = F.cross_entropy(model(x), y)
-        core.end_forward()
-        core.observe_loss(loss)
-        loss.backward()
-        core.before_optimizer_step(optimizer=opt)
-        opt.step(); opt.zero_grad()
-        core.after_optimizer_step()
-        metrics = core.end_step()             # dict on emission steps, else None
-
-Each step flows one way through small objects, each under its own fail-soft stage::
+works the same from a hand-written loop (``examples/plain_loop.py``). Each step flows one way
+through small objects, each under its own fail-soft stage::
 
     ForwardProbes  (forward)      capture, attention / logit probes, sharpness, the schedule
     StepReader     (before step)  loss, gradient norms, loss scale: one read, one reduction
@@ -43,7 +30,7 @@ from stabmon.probes.forward import ForwardProbes
 from stabmon.probes.step import StepReader
 from stabmon.report import RunSummary
 from stabmon.settings import MonitorOptions, build_options
-from stabmon.signals import AllReduce, SignalSet, active_all_reduce, torch_distributed_all_reduce, world_size
+from stabmon.signals import AgreedEmission, AllReduce, SignalSet, active_all_reduce, torch_distributed_all_reduce, world_size
 
 __all__ = ["MonitorCore"]
 
@@ -97,7 +84,7 @@ class MonitorCore:
         self.grad_scaler = grad_scaler
         self.run_summary = RunSummary()
         self.latest_metrics: dict[str, float] = {}  # the values of the last emission, key by key
-        self._capacity = 0  # slots per pack of an emission reduced over ranks that may disagree
+        self._agreement = AgreedEmission()
         self._checked_missing = False
 
     def _synced(self) -> bool:
@@ -150,46 +137,53 @@ class MonitorCore:
                               optimizer: torch.optim.Optimizer | None = None) -> None:
         """Read the step, detect, respond. ``optimizer`` lets the monitor act (LR, skip, rollback);
         ``loss_fn`` (no arguments: the loss on a held batch) feeds the sharpness probe when it is due."""
-        step = self.step
+        probes, responder = self.probes, self.responder
+        step, sampled = probes.step, probes.sampled
         if loss_fn is not None:
-            self.probes.prepare_sharpness()
-        self.responder.preflight(step)
-        values = self.reader.read(optimizer=optimizer or self.responder.optimizer, sampled=self.sampled, step=step,
+            probes.prepare_sharpness()
+        responder.preflight(step)
+        values = self.reader.read(optimizer=optimizer or responder.optimizer, sampled=sampled, step=step,
                                   to_host=self.detectors is not None)
         if loss_fn is not None:
-            self.probes.measure_sharpness(loss_fn, optimizer)
-        findings = self._detect(self.detectors.on_step, values.for_detectors()) if values is not None else []
-        response = self.responder.respond(step, findings, optimizer=optimizer, site_of_layer=self.attention_modules)
-        self._quiet(response)
+            probes.measure_sharpness(loss_fn, optimizer)
+        findings = []
+        if values is not None:
+            findings = self.guard.run("detection", self.detectors.on_step, step, values.for_detectors(), agreed=True)
+        response = responder.respond(step, findings or [], optimizer=optimizer,
+                                     site_of_layer=probes.attention_modules)
+        if response.quiet_until is not None:
+            self._quiet(response)
         if self.clipper is not None and not response.skip_step:
             self._clip()
-        if self.sampled:
+        if sampled:
             self.reader.snapshot_parameters()
-        self.responder.before_optimizer_step(step, optimizer)
+        responder.before_optimizer_step(step, optimizer)
 
     def after_optimizer_step(self) -> None:
         self.responder.after_optimizer_step()
-        if self.sampled:
+        if self.probes.sampled:
             self.reader.measure_update()
 
     def end_step(self) -> dict[str, float] | None:
         """Finish the step. On emission steps returns the reduced signals (one host read)."""
-        self.end_forward()
+        probes = self.probes
+        probes.end_forward()
         self.reader.end_step(host=self.detectors is not None)
-        step = self.step
+        step = probes.step
         if step is None or not self.should_emit(step):
             if step is not None:
                 self.responder.end_step(step)
             return None
-        if self.sampled and not self._checked_missing:
+        if probes.sampled and not self._checked_missing:
             self._checked_missing = True
             gradients = self.reader.gradients is not None and not self.guard.off("gradient probe")
             self.probes.report_missing(self.reader.has_observed if gradients else None)
-        metrics = self._emit()
-        if metrics:
-            findings = self._detect(self.detectors.on_sample, metrics) if self.detectors is not None else []
-            response = self.responder.respond(step, findings, before_step=False, site_of_layer=self.attention_modules)
-            self._quiet(response)
+        metrics = self._emit(step)
+        if metrics and self.detectors is not None:
+            findings = self.guard.run("detection", self.detectors.on_sample, step, metrics, agreed=True)
+            if findings or self.responder.policy is not None and self.responder.policy.skipping(step):
+                self._quiet(self.responder.respond(step, findings or [], before_step=False,
+                                                   site_of_layer=probes.attention_modules))
         metrics.update(self.responder.metrics(step))
         self._record(step, metrics)
         self.responder.end_step(step)
@@ -209,7 +203,7 @@ class MonitorCore:
         """Emit what the steps since the last emission accumulated (call at the end of a run)."""
         if self.step is None or self.reader.empty:
             return None
-        metrics = self._emit(arm=False)
+        metrics = self._emit(self.step, arm=False)
         self._record(self.step, metrics)
         return metrics
 
@@ -221,10 +215,6 @@ class MonitorCore:
         return self.reader.step_grad_norm()
 
     # -- the stages' glue --------------------------------------------------------------------------------
-    def _detect(self, detect: Callable[[int, dict[str, float]], list[Finding]],
-                values: dict[str, float]) -> list[Finding]:
-        return self.guard.run("detection", detect, self.step, values, agreed=True) or []
-
     def _quiet(self, response: Response) -> None:
         """The feedback edge: a rise the monitor caused is expected, not a new alarm."""
         if response.quiet_until is not None and self.detectors is not None:
@@ -239,20 +229,21 @@ class MonitorCore:
         self.clipper.clip(reader.local_gradients(), total, self.model.parameters(), strict=self.guard.strict,
                           on_fallback=lambda message: self.guard.warn_once("clip fallback", message))
 
-    def _emit(self, arm: bool = True) -> dict[str, float]:
+    def _emit(self, step: int, arm: bool = True) -> dict[str, float]:
         """One reduction of every stage's signals; QK-clip arms the layers past tau at a sample."""
         all_reduce = active_all_reduce(self._all_reduce)
-        if self.guard.synced:
-            metrics = self._reduce_agreed(all_reduce)
+        if all_reduce is not None and self.guard.synced:  # the ranks may hold different signals: agree first
+            metrics = self._agreement.reduce(self._signals, all_reduce, self.guard, step)
         else:
             metrics = self.guard.run("signals", self._signals().reduce, all_reduce) or {}
-        maxima = self.probes.layer_maxima(metrics) if arm else {}
-        self.probes.after_emission()
+        probes, qk_clip = self.probes, self.responder.qk_clip
+        maxima = probes.layer_maxima(metrics) if arm and probes.sampled else None
+        probes.after_emission()
         self.reader.reset_interval()
-        if self.responder.qk_clip is not None:
-            self.responder.qk_clip.reset_interval()
+        if qk_clip is not None:
+            qk_clip.reset_interval()
         if maxima:
-            self.responder.arm_above_tau(self.step, maxima)
+            self.responder.arm_above_tau(step, maxima)
         return metrics
 
     def _signals(self) -> SignalSet:
@@ -260,33 +251,16 @@ class MonitorCore:
 
         def add(stage: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
             mark = out.mark()
-            if self.guard.run(stage, lambda: (fn(*args, **kwargs), True)[1]) is None:
+            if not self.guard.attempt(stage, fn, *args, **kwargs):
                 out.truncate(mark)  # a stage that fails half-way adds nothing
 
-        self.probes.signals(out, add)
-        add("signals", self.reader.signals, out, sampled=self.sampled, per_layer=self.options.per_layer)
-        if self.responder.qk_clip is not None and "qk-clip" not in self.guard.disabled:
-            add("qk-clip", self.responder.qk_clip.signals, out)
+        probes, qk_clip = self.probes, self.responder.qk_clip
+        if probes.sampled or probes.has_sharpness_values:
+            probes.signals(out, add)
+        add("step signals", self.reader.signals, out, sampled=probes.sampled, per_layer=self.options.per_layer)
+        if qk_clip is not None and qk_clip.armed and "qk-clip" not in self.guard.disabled:
+            add("qk-clip", qk_clip.signals, out)
         return out
-
-    def _reduce_agreed(self, all_reduce: AllReduce) -> dict[str, float]:
-        """Ranks reduce together and may not hold the same signals (a stage failed on one): the
-        reduction says so without a mismatched collective; the failed stages are switched off on
-        every rank, and the signals are built and reduced again without them."""
-        for _ in range(4):
-            signals = self._signals()
-            self._capacity = max(self._capacity, 256)
-            result = signals.reduce_agreed(all_reduce, self.guard.flags(), self._capacity)
-            newly = self.guard.settle(result.flags, self.step)
-            if result.values is not None:
-                return result.values
-            if result.needed > self._capacity:
-                self._capacity = 1 << (result.needed - 1).bit_length()
-            elif not newly:
-                self.guard.warn_once("ranks differ", f"stabmon: the ranks held different signals at step {self.step}"
-                                                     "; that emission is left out.")
-                return {}
-        return {}
 
     def _record(self, step: int, metrics: dict[str, float]) -> None:
         self.run_summary.update(step, metrics)

@@ -107,12 +107,14 @@ class MonitorSettings(MonitorOptions):
     wandb_heatmap_every_n_steps: int = 500
     log_key_prefix: str = "stabmon"
     verbose: bool = True
+    event_log: bool = True
 
     def __post_init__(self) -> None:
         super().__post_init__()
         check_positive_int("sharpness_every_n_steps", self.sharpness_every_n_steps, allow_none=True)
         check_positive_int("wandb_heatmap_every_n_steps", self.wandb_heatmap_every_n_steps)
         check_bool("verbose", self.verbose)
+        check_bool("event_log", self.event_log)
         alerts = list(self.alerts)
         bad = [a for a in alerts if not isinstance(a, AlertChannel)]
         if bad:

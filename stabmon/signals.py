@@ -20,7 +20,9 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["AgreedReduction", "AllReduce", "SignalSet", "active_all_reduce", "torch_distributed_all_reduce"]
+from stabmon._failsoft import FailSoft
+
+__all__ = ["AgreedEmission", "AgreedReduction", "AllReduce", "SignalSet", "active_all_reduce", "torch_distributed_all_reduce"]
 
 # all_reduce(tensor, op) -> reduced tensor, op one of "sum", "max", "min".
 AllReduce = Callable[[torch.Tensor, str], torch.Tensor]
@@ -222,6 +224,33 @@ class AgreedReduction:
     values: dict[str, float] | None
     flags: list[float]
     needed: int
+
+
+class AgreedEmission:
+    """Reduces an emission over ranks that may not hold the same signals: a stage that failed on
+    one rank adds none there. ``SignalSet.reduce_agreed`` says so without a mismatched collective;
+    the stages that failed are then switched off on every rank (``FailSoft.settle``) and the
+    signals are built and reduced again without them. The capacity of the packs grows to the
+    largest layout seen (the same on every rank: the reduction tells each the largest).
+    """
+
+    def __init__(self, capacity: int = 256) -> None:
+        self.capacity = capacity
+
+    def reduce(self, build: Callable[[], SignalSet], all_reduce: AllReduce, guard: FailSoft,
+               step: int | None) -> dict[str, float]:
+        for _ in range(4):
+            result = build().reduce_agreed(all_reduce, guard.flags(), self.capacity)
+            newly = guard.settle(result.flags, step)
+            if result.values is not None:
+                return result.values
+            if result.needed > self.capacity:
+                self.capacity = 1 << (result.needed - 1).bit_length()
+            elif not newly:
+                guard.warn_once("ranks differ", f"stabmon: the ranks held different signals at step {step}; that "
+                                                "emission is left out.")
+                return {}
+        return {}
 
 
 def _combine(kind: str, values: list[list[float]]) -> list[float | None]:

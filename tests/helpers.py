@@ -131,3 +131,19 @@ def quiet_trainer(trainer_class: type | None = None, **kwargs):
     )
     defaults.update(kwargs)
     return (trainer_class or pl.Trainer)(**defaults)
+
+
+def monitored_step(core, step: int, loss_of_batch, optimizer: torch.optim.Optimizer, held_loss=None):
+    """One step of a plain loop under ``core`` (the protocol of ``stabmon.MonitorCore``):
+    ``loss_of_batch()`` runs the forward; returns the step's emission (None on most steps)."""
+    core.start_step(step)
+    loss = loss_of_batch()
+    core.end_forward()
+    core.observe_loss(loss)
+    loss.backward()
+    core.before_optimizer_step(loss_fn=held_loss, optimizer=optimizer)
+    optimizer.step()
+    core.after_optimizer_step()
+    metrics = core.end_step()
+    optimizer.zero_grad()
+    return metrics

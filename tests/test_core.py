@@ -161,3 +161,33 @@ def test_clip_grad_norm_is_checked():
         MonitorCore(TinyTransformer(), clip_grad_norm=0.0)
     with pytest.raises(ValueError, match="needs `gradients=True`"):
         MonitorCore(TinyTransformer(), clip_grad_norm=1.0, gradients=False)
+
+
+def test_a_checkpoint_written_before_the_pipeline_loads():
+    """``fixtures/monitor_state_v1.json``: ``MonitorCore.state_dict()`` written by stabmon 0.1.0 at
+    commit 7400a2c (before MonitorCore became a pipeline of stages), after a run with findings, a
+    skip, a rollback and an armed QK-clip layer. It loads into today's core, which writes it back
+    with the same keys and values."""
+    import json
+    import math
+    from pathlib import Path
+
+    from stabmon import DetectionConfig, InterventionConfig
+
+    saved = json.loads((Path(__file__).parent / "fixtures" / "monitor_state_v1.json").read_text())
+    core = MonitorCore(TinyTransformer(), sample_every_n_steps=4, log_every_n_steps=4, strict=True,
+                       detection=DetectionConfig(spike_warmup=10, spike_window=20),
+                       intervention=InterventionConfig(qk_clip_tau=5.0, snapshot_every_n_steps=5, cooldown=3))
+    core.load_state_dict(saved)
+    assert sorted(core.responder.qk_clip.armed) == ["blocks.0.attn"]
+    assert [a.name for a in core.actions_taken] == ["qk_clip", "skip_step", "rollback", "skip_step"]
+    assert core.responder.policy.rollbacks == 1 and len(core.findings) == 8
+
+    def normal(value):  # NaN != NaN: compare through their text
+        return json.loads(json.dumps(value, sort_keys=True).replace("NaN", '"nan"'))
+
+    written = core.state_dict()
+    for finding in written["findings"]:
+        assert finding.pop("layer") in (None, "layer_00")  # the one field added since
+    assert normal(written) == normal(saved)
+    assert math.isnan(core.findings[-1].value)

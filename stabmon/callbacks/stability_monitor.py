@@ -74,6 +74,10 @@ class StabilityMonitor(TrainerAdapter, *CALLBACK_BASES):
             twice. Clips the unscaled gradients under mixed precision, like the Trainer. Default None.
         log_key_prefix: prefix of every logged key. Default ``"stabmon"``.
         verbose: print the summary at the end of the fit (rank 0). Default True.
+        event_log: append every finding and action, and the per-head attention maps (at most every
+            ``wandb_heatmap_every_n_steps`` steps), to ``stabmon-events.jsonl`` in the Trainer's
+            ``log_dir`` (when it has a logger), where ``stabmon inspect`` finds them next to the logs.
+            Default True.
         strict: re-raise errors inside the monitor instead of disabling the failing part
             and training on. Default: the ``STABMON_STRICT`` environment variable, else False.
 
@@ -144,8 +148,10 @@ class StabilityMonitor(TrainerAdapter, *CALLBACK_BASES):
     def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
         if stage != "fit":
             return
+        # the event log goes where the first logger writes (log_dir: called on every rank); no logger, no log
+        run_dir = trainer.log_dir if self.settings.event_log and trainer.loggers else None
         # fp16 AMP: Lightning's MixedPrecision (and FSDP's) keep their GradScaler here
-        core = self._start(pl_module, trainer.log_every_n_steps,
+        core = self._start(pl_module, trainer.log_every_n_steps, run_dir=run_dir if trainer.is_global_zero else None,
                            grad_scaler=getattr(trainer.precision_plugin, "scaler", None))
         if core.probes.sharpness is not None and not pl_module.automatic_optimization:
             core.guard.disable("sharpness probe", "manual optimization")
@@ -198,7 +204,7 @@ class StabilityMonitor(TrainerAdapter, *CALLBACK_BASES):
         self.core.after_optimizer_step()
         metrics = self._finish_step(self._step_at_start, trainer.is_global_zero)
         if metrics:
-            self._emit(trainer, self._step_at_start, metrics)
+            self.core.guard.run("sinks", self._emit, trainer, self._step_at_start, metrics)
         if self.core.stop_reason is not None and not trainer.should_stop:
             self._stop(trainer)
 
@@ -208,7 +214,7 @@ class StabilityMonitor(TrainerAdapter, *CALLBACK_BASES):
             return
         metrics = self._finish_training(trainer.is_global_zero)
         if metrics and self.core.step is not None:
-            self._emit(trainer, self.core.step, metrics)
+            self.core.guard.run("sinks", self._emit, trainer, self.core.step, metrics)
 
     @override
     def on_exception(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", exception: BaseException) -> None:
@@ -231,13 +237,15 @@ class StabilityMonitor(TrainerAdapter, *CALLBACK_BASES):
 
     # -- output -----------------------------------------------------------------------------
     def _stop(self, trainer: "pl.Trainer") -> None:
+        """Stop the fit, with a checkpoint to resume from (every rank calls it: the strategy
+        gathers what it needs). A checkpoint that cannot be written does not keep the run going."""
         path = os.path.join(trainer.default_root_dir, "stabmon-stop.ckpt")
-        trainer.save_checkpoint(path)  # every rank calls it: the strategy gathers what it needs
+        saved = self.core.guard.attempt("stop", trainer.save_checkpoint, path, agreed=True)
         trainer.should_stop = True
-        self.stop_checkpoint = path
+        self.stop_checkpoint = path if saved else None
         if trainer.is_global_zero:
             print(f"stabmon: stopping the run at step {trainer.global_step}: {self.core.stop_reason}. "
-                  f"Checkpoint: {path}", flush=True)
+                  f"Checkpoint: {path if saved else 'none (it could not be written)'}", flush=True)
 
     def _find_wandb(self, trainer: "pl.Trainer") -> None:
         """W&B extras when the trainer logs to W&B (or a wandb run is active); else nothing."""

@@ -159,6 +159,7 @@ class StabilityMonitorCallback(TrainerAdapter, TrainerCallback):
         # fp16 AMP: accelerate's GradScaler. Before the clipping the gradients still carry its scale:
         # the core reads them unscaled (it asks the scaler whether unscale_ has run).
         core = self._start(model, args.logging_steps if args.logging_steps >= 1 else 50, saved_state=saved,
+                           run_dir=args.output_dir if state.is_world_process_zero else None,
                            grad_scaler=getattr(getattr(self._trainer, "accelerator", None), "scaler", None))
         self._handles = [model.register_forward_pre_hook(self._before_forward, with_kwargs=True),
                          model.register_forward_hook(self._after_forward, always_call=True)]

@@ -75,7 +75,8 @@ class InterventionConfig:
         stop: allow stopping the run. Default True.
         cooldown: steps after an action before a finding of the same severity acts again. Default 20.
         window: steps of the action cap and of the rollback count. Default 100.
-        max_actions_per_window: most actions in any ``window`` steps. Default 10.
+        max_actions_per_window: most actions in any ``window`` steps (a non-finite step is skipped
+            past it all the same). Default 10.
         grace_steps: steps the spike detectors stay quiet after a re-warm or rollback. Default 50.
         qk_clip_tau: the largest per-head max attention logit QK-clip allows; a layer whose
             max logit passes it is armed (measured every step, its heads above it rescaled

@@ -1,9 +1,10 @@
 """Learning-rate interventions applied around the optimizer step, so any scheduler keeps working.
 
-The controller computes a factor for the current step; ``apply`` multiplies every
-group's learning rate (the one the user's scheduler set) by it just before the
-optimizer step and registers a one-shot step post-hook that writes the original values
-back right after the step. A tensor-valued ``lr`` is written in place with ``fill_``.
+``LRController`` computes the factor for each step (a scale-down held then recovered, a
+re-warm, the lasting cuts); ``scale_lr_for_next_step`` multiplies every group's learning rate
+(the one the user's scheduler set) by it just before the optimizer step and registers a
+one-shot step post-hook that writes the original values back right after the step. A
+tensor-valued ``lr`` is written in place with ``fill_``.
 """
 
 from __future__ import annotations
@@ -89,6 +90,7 @@ class LRController:
         self._scale = (1.0, 0, 0, 0)  # factor, start, hold_end, recover_end
         self._rewarm = (1.0, 0, 0)  # start factor, start step, end step
         self._cuts: list[tuple[int, float]] = []  # (from step, factor) of the lasting cuts
+        self.changed = False  # False until a scale-down, re-warm or cut: the factor is 1 on every step
 
     def scale(self, step: int, factor: float, hold: int, recover: int) -> None:
         check_positive_float("factor", factor)
@@ -96,15 +98,18 @@ class LRController:
         current = self._scale_factor(step)
         new = max(self.min_factor, current * factor)
         self._scale = (new, step, step + hold, step + hold + recover)
+        self.changed = True
 
     def rewarm(self, step: int, start: float, steps: int) -> None:
         check_positive_float("start", start)
         check_positive_int("steps", steps)
         self._rewarm = (start, step, step + steps)
+        self.changed = True
 
     def cut(self, step: int, factor: float) -> None:
         check_positive_float("factor", factor)
         self._cuts.append((step, factor))
+        self.changed = True
 
     def _cut_factor(self, step: int) -> float:
         out = 1.0
@@ -141,3 +146,4 @@ class LRController:
         self._scale = tuple(state["scale"])
         self._rewarm = tuple(state["rewarm"])
         self._cuts = [(int(s), float(f)) for s, f in state.get("cuts", [])]
+        self.changed = self._scale[0] != 1.0 or self._rewarm[0] != 1.0 or bool(self._cuts)

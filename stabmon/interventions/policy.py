@@ -17,7 +17,9 @@ The ladder, in the default configuration:
   healthy snapshot and skip the next ``skip_batches`` batches;
 * more than ``max_rollbacks`` rollbacks **stop** the run (with a checkpoint, in Lightning).
 
-At most ``max_actions_per_window`` actions are taken in any ``window`` steps; after a
+At most ``max_actions_per_window`` actions are taken in any ``window`` steps (past the cap a
+step whose loss or gradient is NaN or inf is still skipped: letting it through would poison
+the weights for good); after a
 re-warm or a rollback the loss and gradient spike detectors stay quiet for
 ``grace_steps`` steps (the rise is expected and must not trigger a new alarm).
 
@@ -28,6 +30,7 @@ the cause, so those findings never reach the LR rungs.
 
 from __future__ import annotations
 
+import math
 from collections import deque
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -115,10 +118,15 @@ class EscalationPolicy:
             self._action_steps.popleft()
         while self._critical_steps and self._critical_steps[0] <= step - cfg.window:
             self._critical_steps.popleft()
-        if len(self._action_steps) >= cfg.max_actions_per_window:
-            return decision
         worst = max(findings, key=lambda f: (f.rank, f.value if f.value == f.value else 0))
         why = f"{worst.signal} = {worst.value:.4g} (threshold {worst.threshold:.4g})"
+        if len(self._action_steps) >= cfg.max_actions_per_window:
+            if cfg.skip_steps and any(f.severity == "critical" and not math.isfinite(f.value) for f in findings):
+                # past the cap nothing escalates, but a step with NaN or inf is never let through
+                decision.skip_step = True
+                decision.actions.append(Action(step, "skip_step", f"{why}; past the action cap, a non-finite step "
+                                                                  "is still skipped"))
+            return decision
         if worst.severity == "critical":
             self._critical_steps.append(step)
             if cfg.rollback and len(self._critical_steps) >= cfg.rollback_after and snapshot_available:

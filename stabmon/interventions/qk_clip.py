@@ -12,16 +12,18 @@ its neighbours' logits too. All of ``gamma`` goes on the query entries then (``a
 as Kimi's MLA variant does for its shared rotary key: one head's clip never touches
 another head.
 
-The clipper's life cycle, driven by ``MonitorCore``:
+The clipper's life cycle (it listens to the forward probes, and the responder drives it):
 
-* on a sampled step it keeps the q and k of every SDPA call and, before the backward,
-  locates each layer's entries once (``stabmon.interventions.qk_locate``); a layer that
-  cannot be located is reported once and left to the LR rungs;
-* a layer is **armed** when its max logit passes ``tau`` (or an attention-logit finding
-  names it): forward hooks on its module then measure its per-head max logit on every
-  step with ``stabmon.kernels.attention_max_logit`` (max only: no entropy, no exponential);
+* on a sampled step it hears the q and k of every SDPA call and locates each layer's
+  entries once (``stabmon.interventions.qk_locate``); a layer that cannot be located is
+  reported once and left to the LR rungs;
+* a layer is **armed** (``arm_above_tau``) when its max logit at a sample passes ``tau``, or
+  (``route``) when an attention-logit finding names it; both return the action's details for
+  the responder to record. Forward hooks on the armed module then measure its per-head max
+  logit on every step (``stabmon.interventions.qk_layer``);
 * after every optimizer step the armed layers' per-head maxima are all-reduced (max over
-  ranks) and the heads above ``tau`` rescaled, all on the device: no host read.
+  ranks, in one layout fixed by the layers armed, whatever failed where) and the heads
+  above ``tau`` rescaled, all on the device: no host read.
 
 Example:
     >>> model = torch.nn.Linear(4, 8, bias=False)            # fused q, k for 2 heads of 2

@@ -49,6 +49,9 @@ class Response:
     quiet_until: int | None = None
 
 
+_NOTHING = Response()  # the common answer: nothing found, nothing done (never modified)
+
+
 class Responder:
     """Carries out the escalation ladder for one model.
 
@@ -90,7 +93,7 @@ class Responder:
         self.stop_reason: str | None = None
         self.step_skipped = False  # this step's decision (every rank's), whether or not the skip itself worked
         self._last_finding_step = -(10**9)
-        self._restore_lr: Callable[[], None] = lambda: None
+        self._restore_lr: Callable[[], None] | None = None  # puts back the LR scaled for this step
         self._interval_findings = {"warning": 0, "critical": 0}
         self._interval_actions = 0
 
@@ -103,9 +106,11 @@ class Responder:
         """Checks whose outcome must travel with the step's read: a rollback that this rank could
         not carry out (its snapshot files gone) switches rollback off on every rank before any
         rank decides on one."""
-        if (self.acting and self.snapshots is not None and self.snapshots.available
-                and "rollback" not in self.guard.disabled and self.policy.rollback_due(step)
-                and not self.snapshots.restorable()):
+        snapshots = self.snapshots
+        if snapshots is None or snapshots.directory is None or snapshots.step is None:
+            return  # nothing on disk: a snapshot in memory is always there
+        if (self.acting and "rollback" not in self.guard.disabled and self.policy.rollback_due(step)
+                and not snapshots.restorable()):
             self.guard.fail("rollback", f"the snapshot of step {self.snapshots.step} can no longer be read from "
                                         f"{self.snapshots.directory}")
 
@@ -114,17 +119,18 @@ class Responder:
                 before_step: bool = True, site_of_layer: Mapping[str, str] | None = None) -> Response:
         """Keep ``findings`` and act on them as the policy decides. ``before_step``: the optimizer
         step is still to come (a skip can still be done)."""
-        response = Response()
         if before_step:
             self.step_skipped = False
         if not findings and not (self.policy is not None and self.policy.skipping(step)):
-            return response  # the common case: nothing to record, nothing to decide
+            return _NOTHING  # the common case: nothing to record, nothing to decide
+        response = Response()
         self._record(step, findings)
         if not self.acting:
             return response
         findings = self._route_to_qk_clip(step, list(findings), site_of_layer or {})
+        lr_reduced = bool(self.guard.run("lr control", self.lr_control.active, step, agreed=True))
         decision = self.guard.run("policy", self.policy.decide, step, findings, agreed=True,
-                                  lr_reduced=self.lr_control.active(step), snapshot_available=self._can_roll_back())
+                                  lr_reduced=lr_reduced, snapshot_available=self._can_roll_back())
         if decision is None:
             return response
         self._carry_out(step, decision, optimizer or self.optimizer, before_step, response)
@@ -185,7 +191,7 @@ class Responder:
             done.pop("lr_cut", None)
         if decision.skip_step and before_step:
             response.skip_step = self.step_skipped = True
-            if not self._attempt("skip step", self._skip_optimizer_step, optimizer):
+            if not self._attempt("skip step", self.skip_optimizer_step, optimizer):
                 done.pop("skip_step", None)
         if decision.stop:
             self.stop_reason = done.get("stop", "stop")
@@ -194,9 +200,9 @@ class Responder:
 
     def _attempt(self, stage: str, fn: Callable[..., Any], *args: Any) -> bool:
         """Run an action every rank carries out alike; True when it was carried out."""
-        return self.guard.run(stage, lambda: (fn(*args), True)[1], agreed=True) is True
+        return self.guard.attempt(stage, fn, *args, agreed=True)
 
-    def _skip_optimizer_step(self, optimizer: torch.optim.Optimizer | None) -> None:
+    def skip_optimizer_step(self, optimizer: torch.optim.Optimizer | None) -> None:
         """Make the coming optimizer step leave the parameters and the optimizer state alone."""
         if gradients_scaled(self.grad_scaler, optimizer):
             # The scaler has yet to unscale, and its step raises when it finds no gradient to
@@ -230,14 +236,14 @@ class Responder:
         """Multiply the LR the scheduler set by the factor in force, for this step only."""
         if optimizer is not None:
             self.optimizer = optimizer
-            if not self.observe_only:
-                restore = self.guard.run("lr control", scale_lr_for_next_step, optimizer,
-                                         self.lr_control.factor(step), agreed=True)
-                self._restore_lr = restore or (lambda: None)
+            if not self.observe_only and self.lr_control.changed:  # (no rung yet: the factor is 1)
+                self._restore_lr = self.guard.run("lr control", lambda: scale_lr_for_next_step(
+                    optimizer, self.lr_control.factor(step)), agreed=True)
 
     def after_optimizer_step(self) -> None:
-        self.guard.run("lr control", self._restore_lr, agreed=True)  # normally done by the step post-hook already
-        self._restore_lr = lambda: None
+        if self._restore_lr is not None:  # normally done by the step post-hook already
+            restore, self._restore_lr = self._restore_lr, None
+            self.guard.run("lr control", restore, agreed=True)
         if self.qk_clip is not None and self.qk_clip.armed:
             # A skipped (or rolled-back) step leaves the weights alone: so does QK-clip.
             self.guard.run("qk-clip", self.qk_clip.discard if self.step_skipped else self.qk_clip.apply, agreed=True)
@@ -257,8 +263,11 @@ class Responder:
     def metrics(self, step: int | None) -> dict[str, float]:
         """The interval's finding and action counts and the LR factor in force: host values, the
         same on every rank (no reduction needed)."""
+        factor = None
+        if step is not None and self.lr_control.changed:
+            factor = self.guard.run("lr control", self.lr_control.factor, step, agreed=True)
         out = {
-            "actions/lr_factor": self.lr_control.factor(step) if step is not None else 1.0,
+            "actions/lr_factor": 1.0 if factor is None else factor,  # none in force when LR control is off
             "actions/count": float(self._interval_actions),
             "findings/warning": float(self._interval_findings.get("warning", 0)),
             "findings/critical": float(self._interval_findings.get("critical", 0)),

@@ -185,8 +185,8 @@ class ForwardProbes:
 
     def sharpness_due(self) -> bool:
         """True when the sharpness probe wants an estimate at the current step."""
-        return (self.sharpness is not None and self.step is not None and not self.guard.off("sharpness probe")
-                and self.sharpness.should_run(self.step))
+        return (self.sharpness is not None and self.step is not None and self.sharpness.should_run(self.step)
+                and not self.guard.off("sharpness probe"))
 
     def prepare_sharpness(self) -> None:
         """Before the step's read: the probe's own checks (memory), so that a rank that cannot
@@ -205,7 +205,16 @@ class ForwardProbes:
                 with eager_view(self.model):
                     return compiled_loss()
 
-        values = self.guard.run("sharpness probe", self.sharpness.measure, loss_fn, self.model, optimizer)
+        # The held batch's forwards (on weights moved along the HVP's direction) are no training
+        # step: the listener's per-step measurement must not see them.
+        paused = self.listener is not None and self.listener.hooks_between_probes
+        if paused:
+            self.listener.remove_hooks()
+        try:
+            values = self.guard.run("sharpness probe", self.sharpness.measure, loss_fn, self.model, optimizer)
+        finally:
+            if paused:
+                self.listener.attach_hooks()
         self._sharpness_values = values or {}
         for note in self.sharpness.notes:
             self.guard.warn_once(note, note)

@@ -85,9 +85,9 @@ class StepReader:
         self.grad_scaler = grad_scaler
         self._all_reduce = all_reduce
         self.gradients = self._gradient_probe() if gradients else None
-        self.loss = StepSeries({"mean": "loss/mean", "last": "loss/last", "max": "loss/max",
+        self.loss_series = StepSeries({"mean": "loss/mean", "last": "loss/last", "max": "loss/max",
                                 "nonfinite_steps": "loss/nonfinite_steps"})
-        self.grad_norm = StepSeries({"max": "gradients/norm_max", "min": "gradients/norm_min",
+        self.grad_norm_series = StepSeries({"max": "gradients/norm_max", "min": "gradients/norm_min",
                                      "mean": "gradients/norm_mean", "nonfinite_steps": "gradients/nonfinite_steps"})
         self._losses: list[torch.Tensor] = []  # the micro-batches' losses of the current step
         self._total: float | torch.Tensor | None = None  # this step's whole-model gradient norm (None: not read)
@@ -110,7 +110,10 @@ class StepReader:
         loss, self._losses = self._step_loss(), []
         self._total = None  # set below; never a norm left from an earlier step
         if to_host and "step read" not in self.guard.disabled:  # failed here only: it still joins the collective
-            return self._read_host(loss, norms, scale, step)
+            all_reduce = active_all_reduce(self._all_reduce)
+            if all_reduce is None or not self.guard.synced:
+                return self.guard.run("step read", self._read_unsynced, loss, norms, scale, all_reduce) or StepValues()
+            return self._read_synced(loss, norms, scale, all_reduce, step)
         self.guard.run("signals", self._record_device, loss, norms, scale)
         return None
 
@@ -119,9 +122,9 @@ class StepReader:
         if self._losses:
             loss, self._losses = self._step_loss(), []
             if host:
-                self.loss.add_host(float(loss))
+                self.loss_series.add_host(float(loss))
             else:
-                self.loss.add_device(loss)
+                self.loss_series.add_device(loss)
 
     def step_grad_norm(self) -> torch.Tensor | None:
         """This step's gradient norm of the whole model as a 0-dim tensor, once read; else None."""
@@ -179,47 +182,48 @@ class StepReader:
         return len(self.gradients.params)
 
     # -- the host read ---------------------------------------------------------------------------
-    def _read_host(self, loss: torch.Tensor | None, norms: torch.Tensor | None, scale: torch.Tensor | None,
-                   step: int | None) -> StepValues | None:
-        """One host read of the loss, the per-parameter norms and the scale (and one sum over
-        ranks). The per-parameter norms come along: the gradient probe keeps them (summed over
-        ranks) and the emission needs no device work for them."""
-        all_reduce = active_all_reduce(self._all_reduce)
-        synced = all_reduce is not None and self.guard.synced
-        parts: list[torch.Tensor] | None = None
+    def _read_synced(self, loss: torch.Tensor | None, norms: torch.Tensor | None, scale: torch.Tensor | None,
+                     all_reduce: AllReduce, step: int | None) -> StepValues | None:
+        """The read where ranks reduce together: the fail-soft flags travel with it, and a rank
+        whose read failed sends zeros in the layout every rank uses."""
+        parts = None
         if not self.guard.off("step read"):
-            parts = self.guard.run("step read", self._parts, loss, norms, scale, all_reduce, synced)
-        if synced:  # the collective happens whatever failed here, in the layout every rank uses
-            if parts is None:
-                parts = self._placeholder(loss, scale)
-            parts.append(self.guard.flags(parts[0].device if parts else "cpu"))
+            parts = self.guard.run("step read", self._parts, loss, norms, scale, all_reduce, True)
+        if parts is None:  # the collective happens whatever failed here, in the layout every rank uses
+            parts = self._placeholder(loss, scale)
+        parts.append(self.guard.flags(parts[0].device if parts else "cpu"))
+        host = all_reduce(torch.cat([p.double() for p in parts]), "sum").tolist()
+        flags = host[-len(STAGES):]
+        del host[-len(STAGES):]
+        self.guard.settle(flags, step)
+        if self.guard.off("step read"):
+            return None
+        return self.guard.run("step read", self._unpack, host, loss is not None, True, scale is not None, True)
+
+    def _read_unsynced(self, loss: torch.Tensor | None, norms: torch.Tensor | None, scale: torch.Tensor | None,
+                       all_reduce: AllReduce | None) -> StepValues:
+        """One host read of the loss, the per-parameter norms and the scale (and one sum where a
+        custom reduction is given). The per-parameter norms come along: the gradient probe keeps
+        them and the emission needs no device work for them."""
+        if all_reduce is None:  # one process: the norms themselves, squared on the host in float64
+            parts = [part for part in (loss.reshape(1) if loss is not None else None, norms, scale) if part is not None]
+        else:
+            parts = self._parts(loss, norms, scale, all_reduce, False)
         if not parts:
             return StepValues()
         if all_reduce is None and parts[0].device.type == "cpu":
             host = [x for part in parts for x in part.tolist()]  # no device to wait for: no concatenation
         else:
-            packed = torch.cat([p.double() for p in parts]) if len(parts) > 1 else parts[0]
+            packed = torch.cat(parts) if len(parts) > 1 else parts[0]
             if all_reduce is not None:
                 packed = all_reduce(packed, "sum")
             host = packed.tolist()
-        if synced:
-            flags = host[-len(STAGES):]
-            del host[-len(STAGES):]
-            self.guard.settle(flags, step)
-        if self.guard.off("step read"):
-            return None
-        return self.guard.run("step read", self._unpack, host, loss is not None, norms is not None or synced,
-                              scale is not None, all_reduce is not None)
+        return self._unpack(host, loss is not None, norms is not None, scale is not None, all_reduce is not None)
 
     def _parts(self, loss: torch.Tensor | None, norms: torch.Tensor | None, scale: torch.Tensor | None,
                all_reduce: AllReduce | None, synced: bool) -> list[torch.Tensor]:
-        parts = []
-        if all_reduce is None:  # one process: the norms themselves, squared on the host in float64
-            for part in (loss.reshape(1) if loss is not None else None, norms, scale):
-                if part is not None:
-                    parts.append(part)
-            return parts
         # one sum over ranks: the loss averages, the weighted squares add up to the whole model's
+        parts = []
         ranks = world_size()
         if loss is not None:
             parts.append(loss.double().reshape(1) / ranks)
@@ -246,7 +250,7 @@ class StepReader:
         values = StepValues()
         if has_loss:
             values.loss = host.pop(0)
-            self.loss.add_host(values.loss)
+            self.loss_series.add_host(values.loss)
         if has_scale:
             values.loss_scale = self._scale = host.pop()
         if has_norms and self.gradients is not None and "gradient probe" not in self.guard.disabled and host:
@@ -259,14 +263,14 @@ class StepReader:
                 values.overflow = True
             else:
                 values.grad_norm = norm
-                self.grad_norm.add_host(norm)
+                self.grad_norm_series.add_host(norm)
         return values
 
     def _record_device(self, loss: torch.Tensor | None, norms: torch.Tensor | None,
                        scale: torch.Tensor | None) -> None:
         """Detection off: keep the step's values on the device; nothing is read before emission."""
         if loss is not None:
-            self.loss.add_device(loss)
+            self.loss_series.add_device(loss)
         if self.gradients is not None and self.gradients.sharded and self._norm_slots():
             # the shares of the square must meet every step, on every rank
             share = self.gradients.device_norm() if norms is not None else torch.zeros((), device=self._device(loss))
@@ -276,7 +280,7 @@ class StepReader:
         else:
             grad = None
         if grad is not None:
-            self.grad_norm.add_device(grad)  # fp16 overflows count in gradients/nonfinite_steps here
+            self.grad_norm_series.add_device(grad)  # fp16 overflows count in gradients/nonfinite_steps here
             self._total = grad
         if scale is not None:
             self._scale = scale
@@ -285,10 +289,10 @@ class StepReader:
     def signals(self, out: SignalSet, *, sampled: bool, per_layer: bool) -> None:
         """The interval's loss and gradient statistics (with the parameter norms and the update
         ratio on sampled steps) and the loss scale."""
-        self.loss.signals(out)
+        self.loss_series.signals(out)
         if self.gradients is not None and "gradient probe" not in self.guard.disabled:
             self.gradients.signals(out, prefix="gradients", per_layer=per_layer, parameters=sampled)
-            self.grad_norm.signals(out)
+            self.grad_norm_series.signals(out)
         if isinstance(self._scale, torch.Tensor):
             out.add_max("gradients/loss_scale", self._scale.reshape(()))
         elif self._scale is not None:  # read this step with the loss: the same on every rank
@@ -298,12 +302,12 @@ class StepReader:
     @property
     def empty(self) -> bool:
         """Nothing accumulated since the last emission."""
-        return self.loss.empty and self.grad_norm.empty
+        return self.loss_series.empty and self.grad_norm_series.empty
 
     def reset_interval(self) -> None:
         self._overflows = 0
-        self.loss.reset()
-        self.grad_norm.reset()
+        self.loss_series.reset()
+        self.grad_norm_series.reset()
         if self.gradients is not None:
             self.gradients.reset()
 

@@ -9,6 +9,7 @@ from stabmon._failsoft import FailSoft
 from stabmon.alerts import AlertDispatcher
 from stabmon.detectors.base import Finding
 from stabmon.interventions.policy import Action
+from stabmon.sinks.events import EventLog
 from stabmon.sinks.wandb import WandbExtras
 
 __all__ = ["Reporter"]
@@ -17,14 +18,16 @@ __all__ = ["Reporter"]
 class Reporter:
     """Sends the findings and actions that are new since the last call, once, from one process.
 
-    Alerts and W&B run under stages of their own (``alerts``, ``wandb``): a fault in one
-    switches it off and leaves the other, and training, alone.
+    Alerts, W&B and the run directory's event log run under stages of their own (``alerts``,
+    ``wandb``, ``event log``): a fault in one switches it off and leaves the others, and
+    training, alone.
 
     Args:
         alerts: the alert dispatcher, or None.
         wandb: the W&B extras of the run, or None.
         run: the run's name in alert texts.
         guard: the monitor's fail-soft guard.
+        events: the event log in the run directory, or None.
 
     Example::
 
@@ -34,14 +37,18 @@ class Reporter:
     """
 
     def __init__(self, alerts: AlertDispatcher | None, wandb: WandbExtras | None, run: str = "run",
-                 guard: FailSoft | None = None) -> None:
-        self.alerts, self.wandb, self.run = alerts, wandb, run
+                 guard: FailSoft | None = None, events: EventLog | None = None) -> None:
+        self.alerts, self.wandb, self.run, self.events = alerts, wandb, run, events
         self.guard = guard or FailSoft()
         self._seen = (0, 0)  # findings and actions already sent
 
     def skip_to(self, findings: Sequence[Finding], actions: Sequence[Action]) -> None:
         """Count what is there as sent (a run resumed from a checkpoint: its old findings)."""
         self._seen = (len(findings), len(actions))
+
+    def behind(self, findings: Sequence[Finding], actions: Sequence[Action]) -> bool:
+        """True when ``findings`` or ``actions`` hold something not sent yet."""
+        return (len(findings), len(actions)) != self._seen
 
     def report(self, step: int, findings: Sequence[Finding], actions: Sequence[Action], *,
                head_maps: Mapping[str, Mapping[str, Any]] | None = None,
@@ -53,6 +60,11 @@ class Reporter:
         self._seen = (len(findings), len(actions))
         if new_findings and self.alerts is not None:
             self.guard.run("alerts", self.alerts.dispatch, new_findings, new_actions, run=self.run)
+        if self.events is not None:
+            if new_findings or new_actions:
+                self.guard.run("event log", self.events.write, new_findings, new_actions)
+            if head_maps:
+                self.guard.run("event log", self.events.heads, step, head_maps, dict(attention_modules or {}))
         if self.wandb is not None:
             if new_findings or new_actions:
                 self.guard.run("wandb", self.wandb.record, new_findings, new_actions)

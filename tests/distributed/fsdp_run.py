@@ -27,6 +27,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspa
 
 from stabmon import DetectionConfig, InterventionConfig, MonitorCore, SharpnessConfig  # noqa: E402
 from stabmon.distributed import local_tensor  # noqa: E402
+from tests.helpers import monitored_step  # noqa: E402
 from tests.interventions.attention_zoo import Stack, grow_logits  # noqa: E402
 
 WORLD, STEPS, ROWS, SEQ = 2, 24, 4, 8
@@ -83,21 +84,16 @@ def train(out_dir: str, mode: str, flags: set[str], rank: int) -> None:
     for step in range(STEPS):
         data = [batch(step, r) for r in ranks]
         x, y = torch.cat([d[0] for d in data]), torch.cat([d[1] for d in data])
-        core.start_step(step)
-        logits = model(x)
-        loss = F.cross_entropy(logits.reshape(-1, 32), y.reshape(-1))
-        if "--spike" in flags and step == 15 and rank == 1:
-            loss = loss * 1000.0
-        if "--nan" in flags and step in (11, 12) and rank == 1:
-            loss = loss * float("nan")
-        core.end_forward()
-        core.observe_loss(loss)
-        loss.backward()
-        core.before_optimizer_step(loss_fn=held_loss, optimizer=opt)
-        opt.step()
-        core.after_optimizer_step()
-        metrics = core.end_step()
-        opt.zero_grad()
+
+        def loss_of_batch() -> torch.Tensor:
+            loss = F.cross_entropy(model(x).reshape(-1, 32), y.reshape(-1))
+            if "--spike" in flags and step == 15 and rank == 1:
+                loss = loss * 1000.0
+            if "--nan" in flags and step in (11, 12) and rank == 1:
+                loss = loss * float("nan")
+            return loss
+
+        metrics = monitored_step(core, step, loss_of_batch, opt, held_loss)
         if metrics:
             record["metrics"][step] = metrics
         record["hash_after"][step] = digest(list(model.parameters()) + optimizer_tensors(opt))

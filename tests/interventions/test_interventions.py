@@ -123,10 +123,18 @@ def test_ladder_escalates_and_does_not_loop():
     assert d.stop and [a.name for a in d.actions] == ["stop"]
 
 
+def spike(step):
+    return Finding(step, "loss/last", "critical", 900.0, 10.0, "loss spike", "loss_spike")
+
+
 def test_action_cap_per_window():
     policy = EscalationPolicy(InterventionConfig(max_actions_per_window=2, window=100, rollback=False))
-    taken = [policy.decide(s, [critical(s)], lr_reduced=False, snapshot_available=False).actions for s in range(5)]
+    taken = [policy.decide(s, [spike(s)], lr_reduced=False, snapshot_available=False).actions for s in range(5)]
     assert [len(a) for a in taken] == [1, 1, 0, 0, 0]
+    # past the cap a step whose loss is NaN is still skipped (it would poison the weights), and nothing escalates
+    d = policy.decide(5, [critical(5)], lr_reduced=False, snapshot_available=False)
+    assert d.skip_step and [a.name for a in d.actions] == ["skip_step"] and "past the action cap" in d.actions[0].detail
+    assert len(policy.decide(6, [spike(6)], lr_reduced=False, snapshot_available=False).actions) == 0
 
 
 def test_policy_state_round_trip():
