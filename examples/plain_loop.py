@@ -59,6 +59,7 @@ def main(steps: int = 400, fsdp: bool = False) -> MonitorCore:
             y = y * 1000  # a corrupted batch
         x, y = x.to(device), y.to(device)
         core.start_step(step)
+        core.observe_batch((x, y), lambda batch: F.mse_loss(model(batch[0]), batch[1]))  # for the forensics
         loss = F.mse_loss(model(x), y)
         if step in (300, 301) and rank == 0:
             loss = loss * float("nan")  # a numerical blow-up
@@ -81,6 +82,8 @@ def main(steps: int = 400, fsdp: bool = False) -> MonitorCore:
         print("actions:")
         for a in core.actions_taken:
             print(f"  step {a.step:4d} {a.name:9s} {a.detail}")
+        for record in core.forensics:
+            print(f"forensics: {record.headline()}")
         print()
         print(core.summary())
     if fsdp:

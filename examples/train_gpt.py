@@ -58,6 +58,7 @@ class Config:
     sharpness_every: int = 200  # stabmon: steps between sharpness estimates (about 10 steps' cost each); 0 = off
     observe_only: bool = False  # stabmon: detect and report, never act
     inject_instability: int = 0  # at this step, multiply the learning rate by 30 for 20 steps (0 = never)
+    poison_step: int = 0  # at this step, row 3 of the batch becomes one byte repeated, with byte 255 as its targets
     log_every: int = 25  # steps between progress lines and logged statistics
     # run
     seed: int = 1337  # seeds the weights and the batch order
@@ -258,6 +259,19 @@ class InjectInstability(pl.Callback):
                 group["lr"] *= self.factor  # the scheduler resets it at its next step
 
 
+class PoisonRow(pl.Callback):
+    """At ``step``, row 3 of the batch becomes ``#`` repeated with byte 255 as its targets (a byte no
+    text has): a bad row of data, to watch the forensics name it."""
+
+    def __init__(self, step: int, row: int = 3) -> None:
+        self.step, self.row = step, row
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:  # noqa: ANN001
+        if trainer.global_step == self.step:
+            x, y = batch
+            x[self.row], y[self.row] = ord("#"), 255  # in place: the step trains on it
+
+
 # -----------------------------------------------------------------------------
 
 
@@ -309,7 +323,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         devices=1,
         gradient_clip_val=cfg.grad_clip or None,
         callbacks=[monitor, ProgressPrinter(monitor, cfg.log_every)]
-        + ([InjectInstability(cfg.inject_instability)] if cfg.inject_instability else []),
+        + ([InjectInstability(cfg.inject_instability)] if cfg.inject_instability else [])
+        + ([PoisonRow(cfg.poison_step)] if cfg.poison_step else []),
         logger=[pl.loggers.CSVLogger(cfg.out_dir, name="")]
         + ([pl.loggers.WandbLogger(project="stabmon-example", save_dir=cfg.out_dir)] if cfg.wandb else []),
         log_every_n_steps=cfg.log_every,
@@ -339,8 +354,10 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         print(f"stabmon: {len(monitor.findings)} findings, {len(monitor.actions_taken)} actions:")
         for a in monitor.actions_taken[:20]:
             print(f"  step {a.step:5d} {a.name:9s} {a.detail}")
+    for record in monitor.core.forensics:
+        print(f"forensics: {record.headline()}" + (f" (record: {record.path})" if record.path else ""))
     return {"val_loss": val_loss, **monitor.latest_metrics, "findings": monitor.findings,
-            "actions": monitor.actions_taken}
+            "actions": monitor.actions_taken, "forensics": monitor.core.forensics}
 
 
 if __name__ == "__main__":

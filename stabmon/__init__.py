@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 from stabmon._failsoft import StabmonWarning
 from stabmon.core import MonitorCore
 from stabmon.detectors import DetectionConfig, Finding
+from stabmon.forensics import ForensicsConfig
 from stabmon.interventions import Action, InterventionConfig
 from stabmon.probes.capture import record_attention
 from stabmon.probes.sharpness import SharpnessConfig
@@ -28,6 +29,7 @@ __all__ = [
     "Action",
     "DetectionConfig",
     "Finding",
+    "ForensicsConfig",
     "InterventionConfig",
     "MonitorCore",
     "MonitorOptions",

@@ -31,7 +31,7 @@ T = TypeVar("T")
 STAGES: tuple[str, ...] = (
     "capture", "attention probe", "logit probe", "probe forward", "sharpness probe", "gradient probe",
     "step read", "step signals", "signals", "detection",
-    "policy", "qk-clip", "lr control", "skip step", "rollback", "snapshot", "stop",
+    "policy", "forensics", "qk-clip", "lr control", "skip step", "rollback", "snapshot", "stop",
     "sinks", "event log", "alerts", "wandb",
 )
 _INDEX = {stage: i for i, stage in enumerate(STAGES)}

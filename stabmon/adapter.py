@@ -67,6 +67,12 @@ class TrainerAdapter:
         return self.core.actions_taken if self.core is not None else []
 
     @property
+    def forensics(self) -> list[Any]:
+        """The forensic records of the run (``step``, ``signal``, ``verdict``, ``rows``,
+        ``first_nonfinite_module``, ``path``, ...; see ``stabmon.forensics.record``)."""
+        return self.core.forensics if self.core is not None else []
+
+    @property
     def latest_metrics(self) -> dict[str, float]:
         """The last emitted value of every signal (keys without the log prefix)."""
         return self.core.latest_metrics if self.core is not None else {}
@@ -84,10 +90,10 @@ class TrainerAdapter:
         ``run_dir``: where the event log goes (the trainer's log or output directory)."""
         settings = self.settings
         self.core = core = MonitorCore(model, grad_scaler=grad_scaler,
-                                       options=settings.core_options(default_log_every_n_steps))
+                                       options=settings.core_options(default_log_every_n_steps, run_dir))
         alerts = AlertDispatcher(list(settings.alerts)) if settings.alerts else None
-        events = (EventLog(run_dir, heads_every_n_steps=settings.wandb_heatmap_every_n_steps)
-                  if settings.event_log and run_dir else None)
+        events = (EventLog(settings.run_dir or run_dir, heads_every_n_steps=settings.wandb_heatmap_every_n_steps)
+                  if settings.event_log and (settings.run_dir or run_dir) else None)
         self.reporter = Reporter(alerts, None, guard=core.guard, events=events)
         state = saved_state or self._pending_state
         self._pending_state = None
@@ -130,10 +136,10 @@ class TrainerAdapter:
         metrics = core.end_step()
         if is_global_zero:
             sample = bool(metrics) and core.probes.sampled
-            findings, actions = core.responder.findings, core.responder.actions_taken
-            if sample or self.reporter.behind(findings, actions):  # alerts, W&B: each guarded
+            findings, actions, records = core.responder.findings, core.responder.actions_taken, core.forensics
+            if sample or self.reporter.behind(findings, actions, records):  # alerts, W&B: each guarded
                 self.reporter.report(step, findings, actions, head_maps=core.last_head_maps if sample else None,
-                                     attention_modules=core.attention_modules)
+                                     attention_modules=core.attention_modules, records=records)
             if metrics and self.reporter.wandb is not None:
                 self.reporter.add_series(step, split_layers(metrics)[1])
         return metrics
@@ -168,4 +174,4 @@ class TrainerAdapter:
             self._pending_state = dict(state)
             return
         self.core.load_state_dict(state)
-        self.reporter.skip_to(self.core.findings, self.core.actions_taken)
+        self.reporter.skip_to(self.core.findings, self.core.actions_taken, self.core.forensics)

@@ -8,7 +8,7 @@ through small objects, each under its own fail-soft stage::
     StepReader     (before step)  loss, gradient norms, loss scale: one read, one reduction
     DetectorSet    (detection)    values -> findings
     Responder      (acting)       findings -> actions: QK-clip, LR rungs, skip, rollback, stop
-    MonitorCore.end_step          the emission: one reduction of every signal; sampled findings
+    Emission       (end of step)  every stage's signals in one reduction; then the sampled findings
 
 The one edge back: an action that raises the loss on purpose (a re-warm, a rollback) keeps the
 spike detectors quiet for a while (``Response.quiet_until``).
@@ -24,13 +24,13 @@ import torch
 from stabmon._failsoft import FailSoft
 from stabmon.detectors import Finding
 from stabmon.interventions.grad_clip import GradientClipper
-from stabmon.interventions.policy import Action
 from stabmon.interventions.responder import Responder, Response
 from stabmon.probes.forward import ForwardProbes
 from stabmon.probes.step import StepReader
 from stabmon.report import RunSummary
 from stabmon.settings import MonitorOptions, build_options
-from stabmon.signals import AgreedEmission, AllReduce, SignalSet, active_all_reduce, torch_distributed_all_reduce, world_size
+from stabmon.emission import Emission
+from stabmon.signals import AllReduce, active_all_reduce, torch_distributed_all_reduce, world_size
 
 __all__ = ["MonitorCore"]
 
@@ -71,24 +71,24 @@ class MonitorCore:
         self.model = model
         self.log_every_n_steps = opts.log_every_n_steps or 50
         self._all_reduce = all_reduce
-        self.guard = FailSoft(strict=opts.strict, synced=self._synced)
+        # ranks agree on what failed where only when they reduce together
+        self.guard = FailSoft(strict=opts.strict, synced=lambda: active_all_reduce(all_reduce) is not None
+                              and world_size() > 1)
         self.probes = ForwardProbes(model, sample_every_n_steps=opts.sample_every_n_steps, attention=opts.attention,
                                     logits=opts.logits, sharpness=opts.sharpness,
                                     compiled_probe_rows=opts.compiled_probe_rows, guard=self.guard)
         self.reader = StepReader(model, gradients=opts.gradients, all_reduce=all_reduce, guard=self.guard)
         self.detectors = opts.detection.build() if opts.detection is not None else None
         self.responder = Responder(model, opts.intervention, observe_only=opts.observe_only, qk_clip=opts.attention,
-                                   guard=self.guard, all_reduce=all_reduce, layer_names=self.probes.layer_of_site)
+                                   guard=self.guard, all_reduce=all_reduce, layer_names=self.probes.layer_of_site,
+                                   forensics=opts.forensics, skip_list=opts.skip_list, run_dir=opts.run_dir)
         self.probes.listener = self.responder.qk_clip
         self.clipper = GradientClipper(opts.clip_grad_norm) if opts.clip_grad_norm is not None else None
         self.grad_scaler = grad_scaler
         self.run_summary = RunSummary()
         self.latest_metrics: dict[str, float] = {}  # the values of the last emission, key by key
-        self._agreement = AgreedEmission()
-        self._checked_missing = False
-
-    def _synced(self) -> bool:
-        return active_all_reduce(self._all_reduce) is not None and world_size() > 1
+        self.emission = Emission(self.probes, self.reader, self.responder, guard=self.guard, all_reduce=all_reduce,
+                                 per_layer=opts.per_layer)
 
     # -- what the stages hold, under one name each ----------------------------------------------------
     findings = property(lambda self: self.responder.findings, doc="What the detectors found (``Finding``s).")
@@ -118,7 +118,13 @@ class MonitorCore:
 
     def summary(self) -> str:
         """The end-of-training table as text."""
-        return self.run_summary.format(self.attention_modules)
+        forensics = self.responder.forensics.summary() if self.responder.forensics is not None else None
+        return self.run_summary.format(self.attention_modules) + (f"\n{forensics}" if forensics else "")
+
+    @property
+    def forensics(self) -> list[Any]:
+        """The forensic records of this run (``stabmon.forensics.ForensicRecord``), oldest first."""
+        return self.responder.forensics.records if self.responder.forensics is not None else []
 
     # -- the step --------------------------------------------------------------------------------------
     def start_step(self, step: int | None = None) -> bool:
@@ -133,6 +139,14 @@ class MonitorCore:
         """The loss of this micro-batch (kept by reference: no work on the device here)."""
         self.reader.observe_loss(loss)
 
+    def observe_batch(self, batch: Any, loss_of: Callable[[Any], torch.Tensor] | None = None, *,
+                      epoch: int | None = None, batch_index: int | None = None) -> None:
+        """This step's batch (held by reference, for the forensics of a spike and the skip list) and
+        ``loss_of(batch) -> loss``, the training loss of a batch (or of some of its rows), for a
+        replay. Call it each step, before the forward."""
+        if self.responder.forensics is not None:
+            self.responder.forensics.hold(self.probes.step, batch, loss_of, epoch=epoch, batch_index=batch_index)
+
     def before_optimizer_step(self, loss_fn: Callable[[], torch.Tensor] | None = None,
                               optimizer: torch.optim.Optimizer | None = None) -> None:
         """Read the step, detect, respond. ``optimizer`` lets the monitor act (LR, skip, rollback);
@@ -142,15 +156,21 @@ class MonitorCore:
         if loss_fn is not None:
             probes.prepare_sharpness()
         responder.preflight(step)
+        forensics = responder.forensics
+        listed = forensics.listed if forensics is not None and len(forensics.skip_list) else None
         values = self.reader.read(optimizer=optimizer or responder.optimizer, sampled=sampled, step=step,
-                                  to_host=self.detectors is not None)
+                                  to_host=self.detectors is not None, listed=listed)
         if loss_fn is not None:
             probes.measure_sharpness(loss_fn, optimizer)
         findings = []
-        if values is not None:
-            findings = self.guard.run("detection", self.detectors.on_step, step, values.for_detectors(), agreed=True)
-        response = responder.respond(step, findings or [], optimizer=optimizer,
-                                     site_of_layer=probes.attention_modules)
+        if values is not None and values.listed:  # a batch of the skip list: skipped, and none of the run's signals
+            response = responder.skip_listed(step, optimizer)
+        else:
+            if values is not None and self.detectors is not None:
+                findings = self.guard.run("detection", self.detectors.on_step, step, values.for_detectors(),
+                                          agreed=True)
+            response = responder.respond(step, findings or [], optimizer=optimizer, values=values,
+                                         site_of_layer=probes.attention_modules, layers=self.reader.layer_norms)
         if response.quiet_until is not None:
             self._quiet(response)
         if self.clipper is not None and not response.skip_step:
@@ -174,11 +194,10 @@ class MonitorCore:
             if step is not None:
                 self.responder.end_step(step)
             return None
-        if probes.sampled and not self._checked_missing:
-            self._checked_missing = True
+        if probes.sampled:  # said once, after the first sample
             gradients = self.reader.gradients is not None and not self.guard.off("gradient probe")
-            self.probes.report_missing(self.reader.has_observed if gradients else None)
-        metrics = self._emit(step)
+            probes.report_missing(self.reader.has_observed if gradients else None)
+        metrics = self.emission.emit(step)
         if metrics and self.detectors is not None:
             findings = self.guard.run("detection", self.detectors.on_sample, step, metrics, agreed=True)
             if findings or self.responder.policy is not None and self.responder.policy.skipping(step):
@@ -203,7 +222,7 @@ class MonitorCore:
         """Emit what the steps since the last emission accumulated (call at the end of a run)."""
         if self.step is None or self.reader.empty:
             return None
-        metrics = self._emit(self.step, arm=False)
+        metrics = self.emission.emit(self.step, arm=False)
         self._record(self.step, metrics)
         return metrics
 
@@ -228,39 +247,6 @@ class MonitorCore:
         self.clipper.reset()
         self.clipper.clip(reader.local_gradients(), total, self.model.parameters(), strict=self.guard.strict,
                           on_fallback=lambda message: self.guard.warn_once("clip fallback", message))
-
-    def _emit(self, step: int, arm: bool = True) -> dict[str, float]:
-        """One reduction of every stage's signals; QK-clip arms the layers past tau at a sample."""
-        all_reduce = active_all_reduce(self._all_reduce)
-        if all_reduce is not None and self.guard.synced:  # the ranks may hold different signals: agree first
-            metrics = self._agreement.reduce(self._signals, all_reduce, self.guard, step)
-        else:
-            metrics = self.guard.run("signals", self._signals().reduce, all_reduce) or {}
-        probes, qk_clip = self.probes, self.responder.qk_clip
-        maxima = probes.layer_maxima(metrics) if arm and probes.sampled else None
-        probes.after_emission()
-        self.reader.reset_interval()
-        if qk_clip is not None:
-            qk_clip.reset_interval()
-        if maxima:
-            self.responder.arm_above_tau(step, maxima)
-        return metrics
-
-    def _signals(self) -> SignalSet:
-        out = SignalSet()
-
-        def add(stage: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
-            mark = out.mark()
-            if not self.guard.attempt(stage, fn, *args, **kwargs):
-                out.truncate(mark)  # a stage that fails half-way adds nothing
-
-        probes, qk_clip = self.probes, self.responder.qk_clip
-        if probes.sampled or probes.has_sharpness_values:
-            probes.signals(out, add)
-        add("step signals", self.reader.signals, out, sampled=probes.sampled, per_layer=self.options.per_layer)
-        if qk_clip is not None and qk_clip.armed and "qk-clip" not in self.guard.disabled:
-            add("qk-clip", qk_clip.signals, out)
-        return out
 
     def _record(self, step: int, metrics: dict[str, float]) -> None:
         self.run_summary.update(step, metrics)

@@ -11,12 +11,15 @@ from __future__ import annotations
 import dataclasses
 import os
 from collections.abc import Sequence
+from pathlib import Path
 from dataclasses import dataclass, replace
 from typing import Any, TypeVar
 
 from stabmon._validation import check_bool, check_optional_instance, check_positive_int
 from stabmon.alerts import AlertChannel
 from stabmon.detectors import DetectionConfig
+from stabmon.forensics.config import ForensicsConfig
+from stabmon.forensics.skiplist import SkipList
 from stabmon.interventions.config import InterventionConfig
 from stabmon.interventions.grad_clip import check_clip_grad_norm
 from stabmon.probes.sharpness import SharpnessConfig
@@ -53,6 +56,17 @@ class MonitorOptions:
         clip_grad_norm: clip the gradients to this global L2 norm, as ``clip_grad_norm_`` does
             (bit-identical for float32 gradients), from the norms the monitor reads anyway:
             one pass over the gradients instead of two. Default None (no clipping).
+        forensics: on a loss or gradient-norm spike or a non-finite step, find the rows that carry
+            it, replay the step (reproducible or not), name the module where a NaN starts, and
+            write the record (``stabmon.forensics.ForensicsConfig``); None turns them off. Default
+            ``ForensicsConfig()``. They need the batch: the trainer adapters hold it; a plain loop
+            passes it to ``MonitorCore.observe_batch``.
+        skip_list: a skip list to start from (``stabmon-skip.json`` of an earlier run, or Lightning's
+            ``skip_batches.json``): the optimizer step of any batch holding a listed row is skipped.
+            Default None.
+        run_dir: where the forensic records (``stabmon-forensics/``) and the skip list
+            (``stabmon-skip.json``) are written; None keeps them in memory (the trainer adapters
+            set it to the trainer's log or output directory). Default None.
 
     Example:
         >>> MonitorOptions(sample_every_n_steps=0)
@@ -74,6 +88,9 @@ class MonitorOptions:
     strict: bool | None = None
     compiled_probe_rows: int = 4
     clip_grad_norm: float | None = None
+    forensics: ForensicsConfig | None = ForensicsConfig()
+    skip_list: str | Path | None = None
+    run_dir: str | Path | None = None
 
     def __post_init__(self) -> None:
         check_positive_int("sample_every_n_steps", self.sample_every_n_steps)
@@ -85,6 +102,11 @@ class MonitorOptions:
         check_optional_instance("detection", self.detection, DetectionConfig)
         check_optional_instance("intervention", self.intervention, InterventionConfig)
         check_clip_grad_norm(self.clip_grad_norm, self.gradients)
+        check_optional_instance("forensics", self.forensics, ForensicsConfig)
+        if self.skip_list is not None:
+            SkipList.read(self.skip_list)  # a missing or unreadable file fails here, naming it
+        if self.run_dir is not None and not isinstance(self.run_dir, (str, Path)):
+            raise ValueError(f"`run_dir` must be a path or None, got {self.run_dir!r}")
         if self.strict is None:
             object.__setattr__(self, "strict", os.environ.get("STABMON_STRICT", "") not in ("", "0"))
         check_bool("strict", self.strict)
@@ -125,13 +147,14 @@ class MonitorSettings(MonitorOptions):
         object.__setattr__(self, "alerts", tuple(alerts))
         object.__setattr__(self, "log_key_prefix", self.log_key_prefix.rstrip("/"))
 
-    def core_options(self, default_log_every_n_steps: int) -> MonitorOptions:
-        """The options of the run's ``MonitorCore``; ``log_every_n_steps`` defaults to the trainer's."""
+    def core_options(self, default_log_every_n_steps: int, run_dir: str | Path | None = None) -> MonitorOptions:
+        """The options of the run's ``MonitorCore``; ``log_every_n_steps`` defaults to the trainer's,
+        ``run_dir`` to the trainer's directory."""
         sharpness = None
         if self.sharpness_every_n_steps is not None:
             sharpness = replace(self.sharpness or SharpnessConfig(), every_n_steps=self.sharpness_every_n_steps)
         shared = {f.name: getattr(self, f.name) for f in dataclasses.fields(MonitorOptions)}
-        return MonitorOptions(**{**shared, "sharpness": sharpness,
+        return MonitorOptions(**{**shared, "sharpness": sharpness, "run_dir": self.run_dir or run_dir,
                                  "log_every_n_steps": self.log_every_n_steps or max(1, default_log_every_n_steps)})
 
 

@@ -3,6 +3,7 @@ measuring, emitting, detecting, acting and alerting (a fault while acting never 
 measuring, detecting, logging or alerting)."""
 
 import math
+import tempfile
 
 import pytest
 import pytorch_lightning as pl
@@ -11,6 +12,7 @@ import wandb
 
 import stabmon.alerts.base as alerts_base
 import stabmon.detectors as detectors_module
+import stabmon.forensics as forensics_module
 import stabmon.interventions.lr as lr_module
 import stabmon.interventions.policy as policy_module
 import stabmon.interventions.qk_clip as qk_clip_module
@@ -45,6 +47,7 @@ INJECTIONS = {
     "signals": (signals_module, "SignalSet", "reduce"),
     "detection": (detectors_module, "DetectorSet", "on_step"),
     "policy": (policy_module, "EscalationPolicy", "decide"),
+    "forensics": (forensics_module, "Forensics", "investigate"),
     "qk-clip": (qk_clip_module, "QKClipper", "apply"),
     "lr control": (lr_module, "LRController", "active"),
     "skip step": (responder_module, "Responder", "skip_optimizer_step"),
@@ -113,7 +116,8 @@ def run(monkeypatch, stage):
             clock["step"] = trainer.global_step
 
     monkeypatch.setattr(wandb, "run", StubRun())  # an active run: the monitor adds its W&B extras to it
-    trainer = quiet_trainer(max_steps=60, callbacks=[StepClock(), monitor], logger=logger, log_every_n_steps=5)
+    trainer = quiet_trainer(max_steps=60, callbacks=[StepClock(), monitor], logger=logger, log_every_n_steps=5,
+                            default_root_dir=tempfile.mkdtemp())  # a stop writes its checkpoint there
     trainer.fit(module, token_loader(n=1000))
     return monitor, logger, alerts, clock
 

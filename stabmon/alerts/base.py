@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 from stabmon.detectors.base import Finding
@@ -30,11 +30,12 @@ class Alert:
     action: str
 
     @classmethod
-    def from_finding(cls, finding: Finding, run: str, actions: Sequence[Action]) -> Alert:
+    def from_finding(cls, finding: Finding, run: str, actions: Sequence[Action], note: str | None = None) -> Alert:
+        """``note``: what the forensics found at that step (the verdict and the top row), if anything."""
         done = "; ".join(f"{a.name} ({a.detail})" for a in actions) or "none (observing only or below the action level)"
         title = f"stabmon: {finding.severity} on {run} at step {finding.step}"
         text = (f"{finding.message}\nsignal {finding.signal} = {finding.value:.6g}, threshold {finding.threshold:.6g}\n"
-                f"action: {done}")
+                f"action: {done}" + (f"\nforensics: {note}" if note else ""))
         return cls(title, text, finding.severity, finding.step, run, finding.signal, finding.value, finding.threshold,
                    done)
 
@@ -85,7 +86,9 @@ class AlertDispatcher:
         self._last_sent: dict[tuple[str, str], int] = {}
         self._resting: dict[int, tuple[float, float]] = {}  # channel index -> (until, current backoff)
 
-    def dispatch(self, findings: Sequence[Finding], actions: Sequence[Action], run: str) -> None:
+    def dispatch(self, findings: Sequence[Finding], actions: Sequence[Action], run: str,
+                 notes: Mapping[int, str] | None = None) -> None:
+        """Send ``findings`` (with the ``actions`` and forensic ``notes`` of their steps)."""
         for finding in findings:
             if finding.rank < self.min_rank:
                 continue
@@ -94,7 +97,8 @@ class AlertDispatcher:
             if last is not None and finding.step - last < self.dedupe_steps:
                 continue
             self._last_sent[key] = finding.step
-            alert = Alert.from_finding(finding, run, [a for a in actions if a.step == finding.step])
+            alert = Alert.from_finding(finding, run, [a for a in actions if a.step == finding.step],
+                                       (notes or {}).get(finding.step))
             for i, channel in enumerate(self.channels):
                 self._send(i, channel, alert)
 

@@ -74,6 +74,18 @@ class StabilityMonitor(TrainerAdapter, *CALLBACK_BASES):
             twice. Clips the unscaled gradients under mixed precision, like the Trainer. Default None.
         log_key_prefix: prefix of every logged key. Default ``"stabmon"``.
         verbose: print the summary at the end of the fit (rank 0). Default True.
+        forensics: on a loss or gradient-norm spike, or a non-finite loss or gradient, find the rows
+            of the batch that carry it, replay the step (reproducible: the data; not reproducible:
+            a transient fault), name the module where a NaN starts, and write the record to
+            ``stabmon-forensics/step_<N>.json`` in the ``log_dir`` (``stabmon.ForensicsConfig``);
+            None turns them off. Default ``ForensicsConfig()``: at most 20 events, about 2 training
+            steps each (benchmarks/forensics.py).
+        skip_list: ``stabmon-skip.json`` of an earlier run (or Lightning's ``skip_batches.json``):
+            the optimizer step of any batch that holds a listed row is skipped, and its loss is none
+            of the run's signals. The batches this run skips or rolls back past are added and written
+            to ``stabmon-skip.json`` in the ``log_dir``. Default None.
+        run_dir: where the forensic records, the skip list and the event log go. Default: the
+            Trainer's ``log_dir`` when it has a logger, else nowhere (kept in memory).
         event_log: append every finding and action, and the per-head attention maps (at most every
             ``wandb_heatmap_every_n_steps`` steps), to ``stabmon-events.jsonl`` in the Trainer's
             ``log_dir`` (when it has a logger), where ``stabmon inspect`` finds them next to the logs.
@@ -148,8 +160,8 @@ class StabilityMonitor(TrainerAdapter, *CALLBACK_BASES):
     def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
         if stage != "fit":
             return
-        # the event log goes where the first logger writes (log_dir: called on every rank); no logger, no log
-        run_dir = trainer.log_dir if self.settings.event_log and trainer.loggers else None
+        # the event log and the forensics go where the first logger writes (log_dir: every rank calls it)
+        run_dir = trainer.log_dir if trainer.loggers else None
         # fp16 AMP: Lightning's MixedPrecision (and FSDP's) keep their GradScaler here
         core = self._start(pl_module, trainer.log_every_n_steps, run_dir=run_dir if trainer.is_global_zero else None,
                            grad_scaler=getattr(trainer.precision_plugin, "scaler", None))
@@ -172,6 +184,8 @@ class StabilityMonitor(TrainerAdapter, *CALLBACK_BASES):
             return
         self._step_at_start = trainer.global_step
         self.core.start_step(trainer.global_step)
+        self.core.observe_batch(batch, lambda rows: _replay_loss(trainer, pl_module, rows),
+                                epoch=trainer.current_epoch, batch_index=batch_idx)
         if self.core.probe_due():  # a compiled model: the probes see an eager forward of a few rows
             rows = head_of_batch(batch, self.settings.compiled_probe_rows)
             self.core.run_probe(lambda: _quiet_training_step(pl_module, rows))
@@ -307,6 +321,13 @@ def _callback_metrics(trainer: "pl.Trainer") -> dict[str, Any]:
     The dict it returns is the connector's ``_callback_metrics``; its updates are the same."""
     current = getattr(getattr(trainer, "_logger_connector", None), "_callback_metrics", None)
     return current if isinstance(current, dict) else trainer.callback_metrics
+
+
+def _replay_loss(trainer: "pl.Trainer", pl_module: "pl.LightningModule", batch: Any) -> torch.Tensor:
+    """``training_step``'s loss on ``batch`` (or some of its rows) as the step computed it: under
+    the precision plugin's autocast, logging muted."""
+    with trainer.precision_plugin.forward_context():
+        return _quiet_training_step(pl_module, batch)
 
 
 def _quiet_training_step(pl_module: "pl.LightningModule", batch: Any) -> torch.Tensor:

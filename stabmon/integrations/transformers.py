@@ -39,6 +39,7 @@ said once).
 
 from __future__ import annotations
 
+import contextlib
 import math
 import sys
 from typing import Any, ClassVar
@@ -146,6 +147,7 @@ class StabilityMonitorCallback(TrainerAdapter, TrainerCallback):
         self._optimizer: torch.optim.Optimizer | None = None
         self._model: torch.nn.Module | None = None
         self._step_read = False  # gradients of this step already read (before clipping)
+        self._epoch = 0
         self._probing = False
 
     # -- set-up ---------------------------------------------------------------------------------
@@ -227,11 +229,14 @@ class StabilityMonitorCallback(TrainerAdapter, TrainerCallback):
     def on_step_begin(self, args, state, control, **kwargs):  # noqa: ANN001, ANN201
         if self.core is not None:
             self._step_read = False
+            self._epoch = int(state.epoch or 0)
             self.core.start_step(state.global_step)
 
     def _before_forward(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
         if self.core is not None and module.training and not self._probing:
-            self._hold_batch(dict(kwargs))
+            batch = dict(kwargs)  # the batch, captured without a change to the user's code (by reference)
+            self._hold_batch(batch)
+            self.core.observe_batch(batch, self._replay_loss, epoch=self._epoch)
 
     def _after_forward(self, module: torch.nn.Module, args: tuple, output: Any) -> None:
         core = self.core
@@ -250,6 +255,12 @@ class StabilityMonitorCallback(TrainerAdapter, TrainerCallback):
                 self._say("eager", f"stabmon: the model computes attention with attn_implementation={impl!r}, which "
                                    "does not call F.scaled_dot_product_attention: load or build it with "
                                    "attn_implementation=\"sdpa\" for the attention signals.")
+
+    def _replay_loss(self, batch: dict[str, Any]) -> torch.Tensor:
+        """The model's loss on ``batch`` (or some of its rows), under the Trainer's autocast."""
+        manager = getattr(self._trainer, "compute_loss_context_manager", None)
+        with manager() if callable(manager) else contextlib.nullcontext():
+            return self._held_loss(batch)
 
     def _held_loss(self, held: dict[str, Any]) -> torch.Tensor:
         self._probing = True  # the sharpness probe's own forwards are not training steps

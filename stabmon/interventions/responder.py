@@ -16,10 +16,12 @@ detectors stay quiet (the monitor's own intervention raises the loss on purpose)
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -27,6 +29,7 @@ import torch
 from stabmon._failsoft import FailSoft
 from stabmon.detectors.base import Finding
 from stabmon.distributed import is_rank_zero, local_tensor
+from stabmon.forensics import Forensics, ForensicsConfig, SkipList
 from stabmon.interventions.config import InterventionConfig
 from stabmon.interventions.lr import LRController, scale_lr_for_next_step
 from stabmon.interventions.policy import Action, Decision, EscalationPolicy
@@ -75,7 +78,8 @@ class Responder:
 
     def __init__(self, model: torch.nn.Module, config: InterventionConfig | None, *, observe_only: bool = False,
                  qk_clip: bool = True, guard: FailSoft | None = None, all_reduce: AllReduce | None = None,
-                 layer_names: Callable[[str], str] | None = None) -> None:
+                 layer_names: Callable[[str], str] | None = None, forensics: ForensicsConfig | None = None,
+                 skip_list: str | Path | None = None, run_dir: str | Path | None = None) -> None:
         self.model = model
         self.guard = guard or FailSoft()
         self.observe_only = observe_only
@@ -86,6 +90,9 @@ class Responder:
         self.qk_clip = (QKClipper(model, tau, alpha=config.qk_clip_alpha, overrides=config.qk_clip_overrides,
                                   all_reduce=all_reduce, layer_names=layer_names, guard=self.guard.run)
                         if tau is not None and qk_clip and not observe_only else None)
+        self.forensics = (Forensics(model, forensics, skip_list=SkipList(skip_list) if skip_list else None,
+                                    run_dir=run_dir, all_reduce=all_reduce, pause_hooks=self._hooks_paused)
+                          if forensics is not None or skip_list is not None else None)
         self.grad_scaler: Any = None
         self.optimizer: torch.optim.Optimizer | None = None  # the last one seen
         self.findings: list[Finding] = []
@@ -100,6 +107,18 @@ class Responder:
     @property
     def acting(self) -> bool:
         return self.policy is not None and not self.observe_only
+
+    @contextlib.contextmanager
+    def _hooks_paused(self) -> Iterator[None]:
+        """The forensics' own forwards are no training step: QK-clip's per-step hooks come off."""
+        paused = self.qk_clip is not None and self.qk_clip.hooks_between_probes
+        if paused:
+            self.qk_clip.remove_hooks()
+        try:
+            yield
+        finally:
+            if paused:
+                self.qk_clip.attach_hooks()
 
     # -- before the step's read ----------------------------------------------------------------
     def preflight(self, step: int) -> None:
@@ -116,25 +135,52 @@ class Responder:
 
     # -- findings -> actions ---------------------------------------------------------------------
     def respond(self, step: int, findings: Sequence[Finding], *, optimizer: torch.optim.Optimizer | None = None,
-                before_step: bool = True, site_of_layer: Mapping[str, str] | None = None) -> Response:
+                before_step: bool = True, site_of_layer: Mapping[str, str] | None = None, values: Any = None,
+                layers: Callable[[], Sequence[tuple[str, float]]] = list) -> Response:
         """Keep ``findings`` and act on them as the policy decides. ``before_step``: the optimizer
-        step is still to come (a skip can still be done)."""
+        step is still to come (a skip can still be done; a spike can still be investigated, with the
+        step's read ``values`` and ``layers()``, its per-layer gradient norms)."""
         if before_step:
             self.step_skipped = False
         if not findings and not (self.policy is not None and self.policy.skipping(step)):
             return _NOTHING  # the common case: nothing to record, nothing to decide
         response = Response()
         self._record(step, findings)
+        if before_step and self.forensics is not None:
+            triggers = self.forensics.triggers(findings)
+            if triggers:
+                self.guard.run("forensics", self._investigate, step, triggers, values, optimizer, layers, agreed=True)
         if not self.acting:
             return response
+        culprit = bool(findings)  # skipped for its own findings, not as a precaution after a rollback
         findings = self._route_to_qk_clip(step, list(findings), site_of_layer or {})
         lr_reduced = bool(self.guard.run("lr control", self.lr_control.active, step, agreed=True))
         decision = self.guard.run("policy", self.policy.decide, step, findings, agreed=True,
                                   lr_reduced=lr_reduced, snapshot_available=self._can_roll_back())
         if decision is None:
             return response
-        self._carry_out(step, decision, optimizer or self.optimizer, before_step, response)
+        self._carry_out(step, decision, optimizer or self.optimizer, before_step, response, culprit)
         return response
+
+    def _investigate(self, step: int, findings: Sequence[Finding], values: Any,
+                     optimizer: torch.optim.Optimizer | None, layers: Callable[[], Sequence[tuple[str, float]]]) -> None:
+        scale = getattr(values, "loss_scale", None)
+        still_scaled = scale is not None and gradients_scaled(self.grad_scaler, optimizer or self.optimizer)
+        record = self.forensics.investigate(step, findings, step_loss=getattr(values, "loss", None),
+                                            step_grad_norm=getattr(values, "grad_norm", None),
+                                            grad_scale=scale if still_scaled else 1.0, layers=layers())
+        if is_rank_zero():
+            log.warning("stabmon step %d: forensics: %s", step, record.headline())
+
+    def skip_listed(self, step: int, optimizer: torch.optim.Optimizer | None) -> Response:
+        """The batch holds a row of the skip list: its optimizer step is skipped (not in observe-only mode)."""
+        if self.observe_only:
+            return _NOTHING
+        self.step_skipped = True
+        if self._attempt("skip step", self.skip_optimizer_step, optimizer or self.optimizer):
+            self.forensics.mark_listed(step)
+            self._act(step, "skip_step", "the batch holds a row of the skip list")
+        return Response(skip_step=True)
 
     def _record(self, step: int, findings: Sequence[Finding]) -> None:
         for f in findings:
@@ -166,7 +212,7 @@ class Responder:
                     and "snapshot" not in disabled)
 
     def _carry_out(self, step: int, decision: Decision, optimizer: torch.optim.Optimizer | None, before_step: bool,
-                   response: Response) -> None:
+                   response: Response, culprit: bool = True) -> None:
         cfg = self.policy.config
         done = {action.name: action.detail for action in decision.actions}
         if decision.rollback and self.snapshots is not None:
@@ -193,6 +239,11 @@ class Responder:
             response.skip_step = self.step_skipped = True
             if not self._attempt("skip step", self.skip_optimizer_step, optimizer):
                 done.pop("skip_step", None)
+        if self.forensics is not None and before_step and (decision.skip_step or decision.rollback):
+            why = "; ".join(f"{name}: {detail}" for name, detail in done.items()) or "skipped"
+            self.guard.run("forensics", self.forensics.note_skipped, step, why,
+                           rolled_back_to=self.snapshots.step if "rollback" in done and self.snapshots else None,
+                           culprit=culprit, agreed=True)
         if decision.stop:
             self.stop_reason = done.get("stop", "stop")
         for name, detail in done.items():
@@ -279,6 +330,7 @@ class Responder:
     # -- checkpointing -------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         return {
+            **({"forensics": self.forensics.state_dict()} if self.forensics is not None else {}),
             "policy": self.policy.state_dict() if self.policy is not None else None,
             "lr_control": self.lr_control.state_dict(),
             "qk_clip": self.qk_clip.state_dict() if self.qk_clip is not None else None,
@@ -288,6 +340,8 @@ class Responder:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        if self.forensics is not None and state.get("forensics"):
+            self.forensics.load_state_dict(state["forensics"])
         if self.policy is not None and state.get("policy") is not None:
             self.policy.load_state_dict(state["policy"])
         self.lr_control.load_state_dict(state["lr_control"])

@@ -80,6 +80,7 @@ class ForwardProbes:
         self._sharpness_values: dict[str, float] = {}
         self._compiled: bool | None = None  # found out at the first step (the model may be compiled late)
         self._last_started: int | None = None
+        self._reported_missing = False
 
     # -- the schedule --------------------------------------------------------------------------
     def is_sampled(self, step: int) -> bool:
@@ -263,6 +264,9 @@ class ForwardProbes:
 
     def report_missing(self, gradients_observed: bool | None) -> None:
         """Once, after the first sample: the signals this model does not give, and why."""
+        if self._reported_missing:
+            return
+        self._reported_missing = True
         if self.attention is not None and self.capture.attention_calls == 0:
             self.guard.warn_once(
                 "no attention",

@@ -193,6 +193,17 @@ class GradientProbe:
         self._host_squares = squares
         return math.sqrt(sum(squares))
 
+    def layer_norms(self) -> list[tuple[str, float]]:
+        """The last read step's gradient norm of each layer (of the whole model), largest first;
+        empty unless the step's norms were read to the host (``record_host_squares``)."""
+        if self._host_squares is None:
+            return []
+        layer_squares = [0.0] * len(self.layers)
+        for layer, square in zip(self._layer_of_param, self._host_squares):
+            layer_squares[layer] += square
+        norms = [(key, math.sqrt(max(sq, 0.0)) if sq == sq else sq) for key, sq in zip(self._layer_keys, layer_squares)]
+        return sorted(norms, key=lambda kv: -kv[1] if kv[1] == kv[1] else -math.inf)
+
     def _weighted_squares(self, norms: torch.Tensor) -> torch.Tensor:
         squares = norms.square()
         return squares if self._weights is None else squares * self._weights

@@ -38,13 +38,15 @@ class StepValues:
 
     ``loss``: the step's loss, averaged over ranks; ``grad_norm``: the whole model's gradient
     norm before any clip (None when not read, or when the fp16 GradScaler found an overflow:
-    ``overflow``); ``loss_scale``: the scale of fp16 mixed precision, if any.
+    ``overflow``); ``loss_scale``: the scale of fp16 mixed precision, if any; ``listed``: the
+    batch holds a row of the skip list, on some rank.
     """
 
     loss: float | None = None
     grad_norm: float | None = None
     loss_scale: float | None = None
     overflow: bool = False
+    listed: bool = False  # the batch holds a row of the skip list (on any rank)
 
     def for_detectors(self) -> dict[str, float]:
         """The values under the signal names the per-step detectors know."""
@@ -102,20 +104,28 @@ class StepReader:
             self._losses.append(loss.detach())
 
     def read(self, *, optimizer: torch.optim.Optimizer | None, sampled: bool, step: int | None = None,
-             to_host: bool = True) -> StepValues | None:
+             to_host: bool = True, listed: torch.Tensor | bool | None = None) -> StepValues | None:
         """Read the step (call once, before the optimizer step). With ``to_host`` (detection on):
-        one host read and ``StepValues``; without: the values stay on the device (None)."""
+        one host read and ``StepValues``; without: the values stay on the device (None).
+        ``listed``: whether the batch holds a row of the skip list (None: there is no skip list),
+        read with the rest."""
         scale = loss_scale(self.grad_scaler) if self.grad_scaler is not None else None  # this step's, one copy
         norms = self.norms = self.guard.run("gradient probe", self._observe, optimizer, scale, sampled)
         loss, self._losses = self._step_loss(), []
         self._total = None  # set below; never a norm left from an earlier step
+        flag = None
+        if listed is not None:
+            device = loss.device if loss is not None else "cpu"
+            flag = listed.reshape(1).float() if isinstance(listed, torch.Tensor) else torch.tensor([float(listed)],
+                                                                                                  device=device)
         if to_host and "step read" not in self.guard.disabled:  # failed here only: it still joins the collective
             all_reduce = active_all_reduce(self._all_reduce)
             if all_reduce is None or not self.guard.synced:
-                return self.guard.run("step read", self._read_unsynced, loss, norms, scale, all_reduce) or StepValues()
-            return self._read_synced(loss, norms, scale, all_reduce, step)
+                return self.guard.run("step read", self._read_unsynced, loss, norms, scale, all_reduce,
+                                      flag) or StepValues(listed=bool(flag is not None and flag.item()))
+            return self._read_synced(loss, norms, scale, all_reduce, step, flag)
         self.guard.run("signals", self._record_device, loss, norms, scale)
-        return None
+        return StepValues(listed=True) if flag is not None and flag.item() else None
 
     def end_step(self, host: bool) -> None:
         """A step without ``read``: keep its loss all the same."""
@@ -132,6 +142,10 @@ class StepReader:
         if value is None:
             return None
         return value if isinstance(value, torch.Tensor) else torch.tensor(value)
+
+    def layer_norms(self) -> list[tuple[str, float]]:
+        """The step's per-layer gradient norms, largest first (empty unless read to the host)."""
+        return self.gradients.layer_norms() if self.gradients is not None else []
 
     def local_gradients(self) -> list[torch.Tensor]:
         return self.gradients.local_gradients() if self.gradients is not None else []
@@ -183,7 +197,7 @@ class StepReader:
 
     # -- the host read ---------------------------------------------------------------------------
     def _read_synced(self, loss: torch.Tensor | None, norms: torch.Tensor | None, scale: torch.Tensor | None,
-                     all_reduce: AllReduce, step: int | None) -> StepValues | None:
+                     all_reduce: AllReduce, step: int | None, flag: torch.Tensor | None = None) -> StepValues | None:
         """The read where ranks reduce together: the fail-soft flags travel with it, and a rank
         whose read failed sends zeros in the layout every rank uses."""
         parts = None
@@ -191,6 +205,8 @@ class StepReader:
             parts = self.guard.run("step read", self._parts, loss, norms, scale, all_reduce, True)
         if parts is None:  # the collective happens whatever failed here, in the layout every rank uses
             parts = self._placeholder(loss, scale)
+        if flag is not None:
+            parts.append(flag.to(parts[0].device if parts else flag.device))
         parts.append(self.guard.flags(parts[0].device if parts else "cpu"))
         host = all_reduce(torch.cat([p.double() for p in parts]), "sum").tolist()
         flags = host[-len(STAGES):]
@@ -198,17 +214,21 @@ class StepReader:
         self.guard.settle(flags, step)
         if self.guard.off("step read"):
             return None
-        return self.guard.run("step read", self._unpack, host, loss is not None, True, scale is not None, True)
+        return self.guard.run("step read", self._unpack, host, loss is not None, True, scale is not None, True,
+                              flag is not None)
 
     def _read_unsynced(self, loss: torch.Tensor | None, norms: torch.Tensor | None, scale: torch.Tensor | None,
-                       all_reduce: AllReduce | None) -> StepValues:
+                       all_reduce: AllReduce | None, flag: torch.Tensor | None = None) -> StepValues:
         """One host read of the loss, the per-parameter norms and the scale (and one sum where a
         custom reduction is given). The per-parameter norms come along: the gradient probe keeps
         them and the emission needs no device work for them."""
         if all_reduce is None:  # one process: the norms themselves, squared on the host in float64
-            parts = [part for part in (loss.reshape(1) if loss is not None else None, norms, scale) if part is not None]
+            parts = [part for part in (loss.reshape(1) if loss is not None else None, norms, scale, flag)
+                     if part is not None]
         else:
             parts = self._parts(loss, norms, scale, all_reduce, False)
+            if flag is not None:
+                parts.append(flag.double())
         if not parts:
             return StepValues()
         if all_reduce is None and parts[0].device.type == "cpu":
@@ -218,7 +238,8 @@ class StepReader:
             if all_reduce is not None:
                 packed = all_reduce(packed, "sum")
             host = packed.tolist()
-        return self._unpack(host, loss is not None, norms is not None, scale is not None, all_reduce is not None)
+        return self._unpack(host, loss is not None, norms is not None, scale is not None, all_reduce is not None,
+                            flag is not None)
 
     def _parts(self, loss: torch.Tensor | None, norms: torch.Tensor | None, scale: torch.Tensor | None,
                all_reduce: AllReduce | None, synced: bool) -> list[torch.Tensor]:
@@ -246,11 +267,14 @@ class StepReader:
         return next((p.device for p in self.model.parameters()), torch.device("cpu"))
 
     def _unpack(self, host: list[float], has_loss: bool, has_norms: bool, has_scale: bool,
-                reduced: bool) -> StepValues:
+                reduced: bool, has_flag: bool = False) -> StepValues:
         values = StepValues()
+        if has_flag:
+            values.listed = host.pop() > 0
         if has_loss:
             values.loss = host.pop(0)
-            self.loss_series.add_host(values.loss)
+            if not values.listed:  # a listed batch's loss is none of the run's
+                self.loss_series.add_host(values.loss)
         if has_scale:
             values.loss_scale = self._scale = host.pop()
         if has_norms and self.gradients is not None and "gradient probe" not in self.guard.disabled and host:
@@ -263,7 +287,8 @@ class StepReader:
                 values.overflow = True
             else:
                 values.grad_norm = norm
-                self.grad_norm_series.add_host(norm)
+                if not values.listed:
+                    self.grad_norm_series.add_host(norm)
         return values
 
     def _record_device(self, loss: torch.Tensor | None, norms: torch.Tensor | None,

@@ -40,26 +40,30 @@ class Reporter:
                  guard: FailSoft | None = None, events: EventLog | None = None) -> None:
         self.alerts, self.wandb, self.run, self.events = alerts, wandb, run, events
         self.guard = guard or FailSoft()
-        self._seen = (0, 0)  # findings and actions already sent
+        self._seen = (0, 0, 0)  # findings, actions and forensic records already sent
 
-    def skip_to(self, findings: Sequence[Finding], actions: Sequence[Action]) -> None:
+    def skip_to(self, findings: Sequence[Finding], actions: Sequence[Action], records: Sequence[Any] = ()) -> None:
         """Count what is there as sent (a run resumed from a checkpoint: its old findings)."""
-        self._seen = (len(findings), len(actions))
+        self._seen = (len(findings), len(actions), len(records))
 
-    def behind(self, findings: Sequence[Finding], actions: Sequence[Action]) -> bool:
-        """True when ``findings`` or ``actions`` hold something not sent yet."""
-        return (len(findings), len(actions)) != self._seen
+    def behind(self, findings: Sequence[Finding], actions: Sequence[Action], records: Sequence[Any] = ()) -> bool:
+        """True when ``findings``, ``actions`` or the forensic ``records`` hold something not sent yet."""
+        return (len(findings), len(actions), len(records)) != self._seen
 
     def report(self, step: int, findings: Sequence[Finding], actions: Sequence[Action], *,
                head_maps: Mapping[str, Mapping[str, Any]] | None = None,
-               attention_modules: Mapping[str, str] | None = None) -> None:
-        """The new ``findings`` and ``actions`` (the monitor's whole lists) to the alert channels
-        and W&B; ``head_maps`` (a sample's per-head maps) to W&B when given."""
-        seen_findings, seen_actions = self._seen
+               attention_modules: Mapping[str, str] | None = None, records: Sequence[Any] = ()) -> None:
+        """The new ``findings``, ``actions`` and forensic ``records`` (the monitor's whole lists) to
+        the alert channels and W&B; ``head_maps`` (a sample's per-head maps) to W&B when given."""
+        seen_findings, seen_actions, seen_records = self._seen
         new_findings, new_actions = findings[seen_findings:], actions[seen_actions:]
-        self._seen = (len(findings), len(actions))
+        new_records = records[seen_records:]
+        self._seen = (len(findings), len(actions), len(records))
         if new_findings and self.alerts is not None:
-            self.guard.run("alerts", self.alerts.dispatch, new_findings, new_actions, run=self.run)
+            notes = {r.step: r.headline() for r in new_records}
+            self.guard.run("alerts", self.alerts.dispatch, new_findings, new_actions, run=self.run, notes=notes)
+        if new_records and self.wandb is not None:
+            self.guard.run("wandb", self.wandb.forensics, new_records)
         if self.events is not None:
             if new_findings or new_actions:
                 self.guard.run("event log", self.events.write, new_findings, new_actions)

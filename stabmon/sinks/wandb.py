@@ -54,6 +54,7 @@ class WandbExtras:
         self.run, self.prefix, self.heatmap_every_n_steps = run, prefix, heatmap_every_n_steps
         self.max_points = max_points
         self.events: list[list[Any]] = []
+        self.forensic_rows: list[list[Any]] = []
         self.series: dict[str, dict[str, list[tuple[int, float]]]] = {}  # family/name -> layer -> points
         self._last_heatmap: int | None = None
         self._defined = False
@@ -135,6 +136,20 @@ class WandbExtras:
             self.events.append([a.step, "action", a.name, "", "", float("nan"), float("nan"), a.detail])
         if actions:
             self._log({self.key("actions/event"): 1.0}, actions[-1].step)
+
+    def forensics(self, records: Sequence[Any]) -> None:
+        """The forensic records, one row each, as the table ``stabmon-actions/forensics``."""
+        import wandb
+
+        self.forensic_rows += [[r.step, r.signal, r.verdict, r.rows[0].position if r.rows else None,
+                                r.rows[0].rank if r.rows else None, r.rows[0].fingerprint if r.rows else None,
+                                r.rows[0].loss if r.rows else None, r.rows[0].loss_share if r.rows else None,
+                                r.rows[0].grad_share if r.rows else None, r.first_nonfinite_module or "", r.headline()]
+                               for r in records]
+        columns = ["step", "signal", "verdict", "top row", "rank", "fingerprint", "row loss", "loss share",
+                   "gradient share", "first non-finite module", "summary"]
+        self._log({self.key("actions/forensics"): wandb.Table(columns=columns, data=list(self.forensic_rows))},
+                  records[-1].step)
 
     def log_events(self, step: int) -> None:
         if not self.events:

@@ -4,6 +4,7 @@ import pathlib
 import sys
 
 import pytest
+import torch
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 
@@ -44,3 +45,23 @@ def test_default_text_is_shakespeare():
 def test_bad_flags_are_explained(arg, match):
     with pytest.raises(SystemExit, match=match):
         load_example().parse_args([arg])
+
+
+@pytest.mark.slow
+def test_a_poisoned_row_in_the_example_is_named_and_listed(tmp_path):
+    """The example at batch 4 with row 3 of step 200 poisoned (``#`` repeated, byte 255 as its
+    targets): the forensic record names that row first, reproducible, and the skip list holds it."""
+    import json
+
+    from stabmon.forensics.batch import fingerprint_hex, row_fingerprints
+
+    train_gpt = load_example()
+    result = train_gpt.main(["--max_steps=205", "--batch_size=4", "--poison_step=200", "--sharpness_every=0",
+                             f"--out_dir={tmp_path}", "--log_every=50"])
+    record = next(r for r in result["forensics"] if r.step == 200)
+    x, y = torch.full((1, 128), ord("#")), torch.full((1, 128), 255)
+    poisoned = fingerprint_hex(int(row_fingerprints((x, y))[0]))
+    assert (record.rows[0].position, record.rows[0].fingerprint) == (3, poisoned)
+    assert record.verdict == "reproducible" and record.rows[0].loss_share > 0.9
+    skip = json.loads((tmp_path / "version_0" / "stabmon-skip.json").read_text())
+    assert [e["fingerprint"] for e in skip["entries"]] == [poisoned]

@@ -1,0 +1,7 @@
+"""``python -m stabmon``: the ``stabmon`` console script (``stabmon inspect PATH``)."""
+
+import sys
+
+from stabmon.cli import main
+
+sys.exit(main())
