@@ -15,6 +15,7 @@ same action at the same step, and the rollback restores each process's shards.
 
 from __future__ import annotations
 
+import gc
 import os
 import sys
 
@@ -86,6 +87,7 @@ def main(steps: int = 400, fsdp: bool = False) -> MonitorCore:
             print(f"forensics: {record.headline()}")
         print()
         print(core.summary())
+    core.close()  # the monitor's hooks come off the model
     if fsdp:
         torch.distributed.barrier()  # no rank tears its connections down while another still talks
         torch.distributed.destroy_process_group()
@@ -97,3 +99,6 @@ if __name__ == "__main__":
     if unknown:
         raise SystemExit(f"unknown arguments {unknown}; the only option is --fsdp (run it with torchrun)")
     main(fsdp="--fsdp" in sys.argv[1:])
+    # The sharded parameters hold the process group through their device mesh; free them now,
+    # while the interpreter is whole, not during its shutdown (gloo's threads may abort then).
+    gc.collect()

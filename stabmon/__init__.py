@@ -17,6 +17,7 @@ from stabmon.core import MonitorCore
 from stabmon.detectors import DetectionConfig, Finding
 from stabmon.forensics import ForensicsConfig
 from stabmon.interventions import Action, InterventionConfig
+from stabmon.memory import MemoryBudget, memory_plan
 from stabmon.probes.capture import record_attention
 from stabmon.probes.sharpness import SharpnessConfig
 from stabmon.settings import MonitorOptions
@@ -31,11 +32,13 @@ __all__ = [
     "Finding",
     "ForensicsConfig",
     "InterventionConfig",
+    "MemoryBudget",
     "MonitorCore",
     "MonitorOptions",
     "SharpnessConfig",
     "StabilityMonitor",
     "StabmonWarning",
+    "memory_plan",
     "record_attention",
 ]
 

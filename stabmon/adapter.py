@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
-from collections.abc import Callable
 from typing import Any, ClassVar
 
 import torch
@@ -23,7 +22,6 @@ from stabmon.core import MonitorCore
 from stabmon.detectors import Finding
 from stabmon.interventions.policy import Action
 from stabmon.keys import split_layers
-from stabmon.probes.batches import head_of_batch
 from stabmon.settings import MonitorSettings, build_options
 from stabmon.sinks.events import EventLog
 from stabmon.sinks.reporter import Reporter
@@ -53,7 +51,6 @@ class TrainerAdapter:
         self.core: MonitorCore | None = None
         self.reporter = Reporter(None, None)
         self._pending_state: dict[str, Any] | None = None  # a checkpoint's state, loaded when the core exists
-        self._held_batch: Any = None  # the first rows of the first batch: the sharpness probe's loss
 
     # -- what users read back --------------------------------------------------------------------
     @property
@@ -114,21 +111,6 @@ class TrainerAdapter:
     def wandb(self) -> Any:
         """The W&B extras of this run, or None."""
         return self.reporter.wandb
-
-    def _hold_batch(self, batch: Any) -> None:
-        """Keep the first rows of the first training batch: the sharpness probe's held batch."""
-        if self._held_batch is not None or self.core is None:
-            return
-        rows = self.core.probes.sharpness_batch_size
-        if rows is not None:
-            self._held_batch = head_of_batch(batch, rows)
-
-    def _held_loss_fn(self, loss_of: Callable[[Any], torch.Tensor]) -> Callable[[], torch.Tensor] | None:
-        """``loss_of(held batch)`` as the sharpness probe's loss, when an estimate is due."""
-        held = self._held_batch
-        if held is None or not self.core.probes.sharpness_due():
-            return None
-        return lambda: loss_of(held)
 
     def _finish_step(self, step: int, is_global_zero: bool) -> dict[str, float] | None:
         """After the optimizer step: the core's emission, and what is new to the alerts and W&B."""

@@ -25,6 +25,7 @@ from stabmon._failsoft import FailSoft
 from stabmon.detectors import Finding
 from stabmon.interventions.grad_clip import GradientClipper
 from stabmon.interventions.responder import Responder, Response
+from stabmon.memory import MemoryPlan
 from stabmon.probes.forward import ForwardProbes
 from stabmon.probes.step import StepReader
 from stabmon.report import RunSummary
@@ -76,7 +77,8 @@ class MonitorCore:
                               and world_size() > 1)
         self.probes = ForwardProbes(model, sample_every_n_steps=opts.sample_every_n_steps, attention=opts.attention,
                                     logits=opts.logits, sharpness=opts.sharpness,
-                                    compiled_probe_rows=opts.compiled_probe_rows, guard=self.guard)
+                                    compiled_probe_rows=opts.compiled_probe_rows, guard=self.guard,
+                                    memory_budget=opts.memory_budget)
         self.reader = StepReader(model, gradients=opts.gradients, all_reduce=all_reduce, guard=self.guard)
         self.detectors = opts.detection.build() if opts.detection is not None else None
         self.responder = Responder(model, opts.intervention, observe_only=opts.observe_only, qk_clip=opts.attention,
@@ -153,15 +155,13 @@ class MonitorCore:
         ``loss_fn`` (no arguments: the loss on a held batch) feeds the sharpness probe when it is due."""
         probes, responder = self.probes, self.responder
         step, sampled = probes.step, probes.sampled
-        if loss_fn is not None:
-            probes.prepare_sharpness()
+        probes.prepare_sharpness(loss_fn)
         responder.preflight(step)
         forensics = responder.forensics
         listed = forensics.listed if forensics is not None and len(forensics.skip_list) else None
         values = self.reader.read(optimizer=optimizer or responder.optimizer, sampled=sampled, step=step,
                                   to_host=self.detectors is not None, listed=listed)
-        if loss_fn is not None:
-            probes.measure_sharpness(loss_fn, optimizer)
+        probes.measure_sharpness(loss_fn, optimizer)
         findings = []
         if values is not None and values.listed:  # a batch of the skip list: skipped, and none of the run's signals
             response = responder.skip_listed(step, optimizer)
@@ -258,6 +258,15 @@ class MonitorCore:
 
     def sharpness_due(self) -> bool:
         return self.probes.sharpness_due()
+
+    def hold_sharpness_batch(self, batch: Any, loss_of: Callable[[Any], torch.Tensor]) -> None:
+        """The sharpness probe's held batch: the first rows of ``batch`` (copied) and ``loss_of(batch)
+        -> loss``; the probe cuts it to its memory budget. Once; later calls are ignored."""
+        self.probes.hold_sharpness_batch(batch, loss_of)
+
+    def memory_plan(self, seq_len: int | None = None, world_size: int | None = None) -> MemoryPlan:
+        """The monitor's memory, part by part, for this model (``stabmon.memory_plan``)."""
+        return self.probes.memory_plan(self.options.memory_budget, seq_len=seq_len, world_size=world_size)
 
     def probe_due(self, step: int | None = None) -> bool:
         return self.probes.probe_due(step)

@@ -22,6 +22,7 @@ from stabmon.forensics.config import ForensicsConfig
 from stabmon.forensics.skiplist import SkipList
 from stabmon.interventions.config import InterventionConfig
 from stabmon.interventions.grad_clip import check_clip_grad_norm
+from stabmon.memory import MemoryBudget
 from stabmon.probes.sharpness import SharpnessConfig
 
 __all__ = ["MonitorOptions", "MonitorSettings", "build_options"]
@@ -67,6 +68,10 @@ class MonitorOptions:
         run_dir: where the forensic records (``stabmon-forensics/``) and the skip list
             (``stabmon-skip.json``) are written; None keeps them in memory (the trainer adapters
             set it to the trainer's log or output directory). Default None.
+        memory_budget: what the probes may hold on the device (``stabmon.MemoryBudget``: a fraction
+            of the memory free at the first estimate, at most a cap; default 10%, at most 8 GiB).
+            Past it the sharpness probe keeps fewer Lanczos vectors, uses finite differences, or
+            holds fewer rows and tokens, and says so once (``stabmon.memory_plan``).
 
     Example:
         >>> MonitorOptions(sample_every_n_steps=0)
@@ -91,6 +96,7 @@ class MonitorOptions:
     forensics: ForensicsConfig | None = ForensicsConfig()
     skip_list: str | Path | None = None
     run_dir: str | Path | None = None
+    memory_budget: MemoryBudget = MemoryBudget()
 
     def __post_init__(self) -> None:
         check_positive_int("sample_every_n_steps", self.sample_every_n_steps)
@@ -107,6 +113,9 @@ class MonitorOptions:
             SkipList.read(self.skip_list)  # a missing or unreadable file fails here, naming it
         if self.run_dir is not None and not isinstance(self.run_dir, (str, Path)):
             raise ValueError(f"`run_dir` must be a path or None, got {self.run_dir!r}")
+        check_optional_instance("memory_budget", self.memory_budget, MemoryBudget)
+        if self.memory_budget is None:
+            raise ValueError("`memory_budget` must be a stabmon.MemoryBudget, got None")
         if self.strict is None:
             object.__setattr__(self, "strict", os.environ.get("STABMON_STRICT", "") not in ("", "0"))
         check_bool("strict", self.strict)

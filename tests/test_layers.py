@@ -12,7 +12,7 @@ ROOT = Path(__file__).resolve().parents[1] / "stabmon"
 # Lowest first. A module may import its own layer and those below it.
 LAYERS = [
     ("stabmon._validation", "stabmon._failsoft", "stabmon.distributed", "stabmon.keys", "stabmon.signals",
-     "stabmon.report"),
+     "stabmon.report", "stabmon.memory"),
     ("stabmon.kernels", "stabmon.curvature"),
     ("stabmon.probes",),
     ("stabmon.detectors",),

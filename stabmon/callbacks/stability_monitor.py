@@ -189,7 +189,7 @@ class StabilityMonitor(TrainerAdapter, *CALLBACK_BASES):
         if self.core.probe_due():  # a compiled model: the probes see an eager forward of a few rows
             rows = head_of_batch(batch, self.settings.compiled_probe_rows)
             self.core.run_probe(lambda: _quiet_training_step(pl_module, rows))
-        self._hold_batch(batch)
+        self.core.hold_sharpness_batch(batch, lambda held: _quiet_training_step(pl_module, held))
 
     @override
     def on_before_backward(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", loss: torch.Tensor) -> None:
@@ -203,8 +203,7 @@ class StabilityMonitor(TrainerAdapter, *CALLBACK_BASES):
         self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", optimizer: torch.optim.Optimizer
     ) -> None:
         if self.core is not None:
-            loss_fn = self._held_loss_fn(lambda held: _quiet_training_step(pl_module, held))
-            self.core.before_optimizer_step(loss_fn=loss_fn, optimizer=optimizer)
+            self.core.before_optimizer_step(optimizer=optimizer)
 
     @override
     def on_train_batch_end(

@@ -91,6 +91,7 @@ def top_eigenvalue(
     generator: torch.Generator | None = None,
     seed: int = 0,
     callback: Callable[[int, float], None] | None = None,
+    max_vectors: int | None = None,
 ) -> EigenEstimate:
     """Largest-magnitude eigenvalue of the Hessian behind ``hvp_fn``.
 
@@ -106,6 +107,10 @@ def top_eigenvalue(
             with ``seed`` when ``generator`` is None).
         callback: called as ``callback(hvps_so_far, estimate)`` after every product (progress
             output, convergence studies).
+        max_vectors: Lanczos keeps at most this many basis vectors (at least 3): each new vector
+            is reorthogonalised against the last ``max_vectors - 1`` only, a partial
+            reorthogonalisation that trades a little accuracy for memory (3: the plain three-term
+            recurrence). None: every vector (full reorthogonalisation).
 
     Returns:
         ``EigenEstimate(value, hvps)`` with a ``converged`` flag.
@@ -128,7 +133,9 @@ def top_eigenvalue(
     report = callback or (lambda k, value: None)
     if method == "power":
         return _power(hvp_fn, v, iters, tol, report)
-    return _lanczos(hvp_fn, v, iters, tol, report)
+    if max_vectors is not None and max_vectors < 3:
+        raise ValueError(f"`max_vectors` must be at least 3 for Lanczos (use method='power'), got {max_vectors}")
+    return _lanczos(hvp_fn, v, iters, tol, report, max_vectors)
 
 
 def _power(
@@ -150,9 +157,10 @@ def _power(
 
 
 def _lanczos(
-    hvp_fn: HVPFunction, v: list[torch.Tensor], iters: int, tol: float, report: Callable[[int, float], None]
+    hvp_fn: HVPFunction, v: list[torch.Tensor], iters: int, tol: float, report: Callable[[int, float], None],
+    max_vectors: int | None = None,
 ) -> EigenEstimate:
-    basis: list[list[torch.Tensor]] = [v]
+    basis: list[list[torch.Tensor]] = [v]  # the last max_vectors - 1 of the Lanczos vectors (all, by default)
     alphas: list[float] = []
     betas: list[float] = []
     estimate = math.nan
@@ -182,6 +190,8 @@ def _lanczos(
             return EigenEstimate(estimate, k, True)
         betas.append(beta)
         basis.append(_scale(w, 1.0 / beta))
+        if max_vectors is not None and len(basis) > max_vectors - 1:  # w is the last one of the budget
+            del basis[0]
     return EigenEstimate(estimate, iters, False)
 
 

@@ -8,8 +8,12 @@ Two modes behind one interface, ``hvp(loss_fn, params, mode=...) -> (v -> H v)``
   (flash, memory-efficient, and the CPU flash kernel) have no double backward.
 * ``"finite_difference"``: ``(g(theta + eps v) - g(theta - eps v)) / (2 eps)``, two
   gradients and no double backward, so it works with any fused kernel. The step is
-  ``eps = cbrt(machine eps) * (1 + ||theta||) / ||v||``, the usual balance of truncation
-  against round-off for a central difference.
+  ``eps = cbrt(machine eps) * (1 + rms(theta)) / ||v||``: the usual balance of truncation
+  against round-off for a central difference, scaled by the size of one parameter entry.
+  Scaling by the whole ``||theta||`` instead (the textbook choice for few variables)
+  moves a 0.8M-parameter GPT by 0.2 along its sharpest direction, where the loss is far
+  from quadratic over that distance: the top eigenvalue came out 23% low (20.07 against
+  26.00 by autograd; 25.99 with this step).
 
 Both leave the parameters (bit for bit) and their ``.grad`` as they found them, and
 neither touches the global RNG: the loss is evaluated under a forked RNG with a fixed
@@ -180,6 +184,16 @@ class _FiniteDifferenceHVP:
         self.loss_fn, self.params, self.rng_seed = loss_fn, params, rng_seed
         self.trainable = [i for i, p in enumerate(params) if p.requires_grad]
         self.local = params  # the tensors moved along v (a sharded subclass: this rank's shards)
+        self._count: float | None = None
+
+    def _rms(self, targets: list[torch.Tensor]) -> float:
+        """Root mean square of the parameters' entries (over all ranks' shards)."""
+        if self._count is None:
+            count = torch.tensor(float(sum(x.numel() for x in targets)), dtype=torch.float64,
+                                 device=targets[0].device)
+            reduce = _SHARDED.get()
+            self._count = float(reduce(count) if reduce is not None else count)
+        return float(flat_norm(targets)) / max(self._count, 1.0) ** 0.5
 
     def _gradient(self) -> tuple[torch.Tensor | None, ...]:
         with torch.enable_grad(), isolated_rng([p.device for p in self.params], self.rng_seed):
@@ -188,13 +202,14 @@ class _FiniteDifferenceHVP:
 
     @torch.no_grad()
     def __call__(self, v: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-        out = [torch.zeros_like(x) for x in self.local]
+        # Memory: besides the backward's own, three parameter-sized vectors at the peak (the saved
+        # parameters and the two gradients); the product is made in place in the first gradient.
         targets = [self.local[i] for i in self.trainable]
         directions = [v[i].to(self.local[i].dtype) for i in self.trainable]
         v_norm = float(flat_norm(directions))
         if v_norm == 0 or not targets:
-            return out
-        eps = torch.finfo(targets[0].dtype).eps ** (1 / 3) * (1 + float(flat_norm(targets))) / v_norm
+            return [torch.zeros_like(x) for x in self.local]
+        eps = torch.finfo(targets[0].dtype).eps ** (1 / 3) * (1 + self._rms(targets)) / v_norm
         saved = [x.detach().clone() for x in targets]
         try:
             torch._foreach_add_(targets, directions, alpha=eps)  # in place (the local shards, when sharded)
@@ -204,10 +219,12 @@ class _FiniteDifferenceHVP:
         finally:
             for x, s in zip(targets, saved):
                 x.copy_(s)  # bit-exact restore, not += eps v (which rounds)
+        del saved, directions
+        out: list[torch.Tensor | None] = [None] * len(self.local)
         for j, i in enumerate(self.trainable):
             if g_plus[j] is not None and g_minus[j] is not None:
-                out[i] = (g_plus[j] - g_minus[j]) / (2 * eps)
-        return out
+                out[i] = g_plus[j].sub_(g_minus[j]).div_(2 * eps)
+        return [x if x is not None else torch.zeros_like(self.local[i]) for i, x in enumerate(out)]
 
 
 class _ShardedFiniteDifferenceHVP(_FiniteDifferenceHVP):

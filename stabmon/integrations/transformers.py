@@ -235,7 +235,8 @@ class StabilityMonitorCallback(TrainerAdapter, TrainerCallback):
     def _before_forward(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
         if self.core is not None and module.training and not self._probing:
             batch = dict(kwargs)  # the batch, captured without a change to the user's code (by reference)
-            self._hold_batch(batch)
+            if "labels" in batch:  # the sharpness probe needs the model's loss
+                self.core.hold_sharpness_batch(batch, self._held_loss)
             self.core.observe_batch(batch, self._replay_loss, epoch=self._epoch)
 
     def _after_forward(self, module: torch.nn.Module, args: tuple, output: Any) -> None:
@@ -274,9 +275,7 @@ class StabilityMonitorCallback(TrainerAdapter, TrainerCallback):
         if self.core is None or self._step_read:
             return
         self._step_read = True
-        has_labels = self._held_batch is not None and "labels" in self._held_batch
-        loss_fn = self._held_loss_fn(self._held_loss) if has_labels else None
-        self.core.before_optimizer_step(loss_fn=loss_fn, optimizer=self._optimizer)
+        self.core.before_optimizer_step(optimizer=self._optimizer)
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):  # noqa: ANN001, ANN201
         self._before_optimizer_step()  # no-op when it ran before the clipping

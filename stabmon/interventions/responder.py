@@ -85,7 +85,8 @@ class Responder:
         self.observe_only = observe_only
         self.policy = EscalationPolicy(config) if config is not None else None
         self.lr_control = LRController()
-        self.snapshots = Snapshotter(config.snapshot_dir) if config is not None else None
+        self.snapshots = (Snapshotter(config.snapshot_dir, fallback_dir=Path(run_dir) / "stabmon-snapshots"
+                                      if run_dir is not None else None) if config is not None else None)
         tau = config.qk_clip_tau if config is not None else None
         self.qk_clip = (QKClipper(model, tau, alpha=config.qk_clip_alpha, overrides=config.qk_clip_overrides,
                                   all_reduce=all_reduce, layer_names=layer_names, guard=self.guard.run)
@@ -124,8 +125,10 @@ class Responder:
     def preflight(self, step: int) -> None:
         """Checks whose outcome must travel with the step's read: a rollback that this rank could
         not carry out (its snapshot files gone) switches rollback off on every rank before any
-        rank decides on one."""
+        rank decides on one. First, the snapshot copy in flight is waited for."""
         snapshots = self.snapshots
+        if snapshots is not None and snapshots.busy:  # before anything moves the weights (a probe, a step)
+            self.guard.run("snapshot", snapshots.wait, agreed=True)
         if snapshots is None or snapshots.directory is None or snapshots.step is None:
             return  # nothing on disk: a snapshot in memory is always there
         if (self.acting and "rollback" not in self.guard.disabled and self.policy.rollback_due(step)
@@ -285,6 +288,8 @@ class Responder:
     # -- around the optimizer step ----------------------------------------------------------------
     def before_optimizer_step(self, step: int, optimizer: torch.optim.Optimizer | None) -> None:
         """Multiply the LR the scheduler set by the factor in force, for this step only."""
+        if self.snapshots is not None and self.snapshots.busy:  # the weights are about to change
+            self.guard.run("snapshot", self.snapshots.wait, agreed=True)
         if optimizer is not None:
             self.optimizer = optimizer
             if not self.observe_only and self.lr_control.changed:  # (no rung yet: the factor is 1)
@@ -309,6 +314,8 @@ class Responder:
         healthy = step - self._last_finding_step > cfg.cooldown and not self.policy.skipping(step)
         if cfg.rollback and healthy and step % cfg.snapshot_every_n_steps == 0:
             self.guard.run("snapshot", self.snapshots.take, step, self.model, self.optimizer, agreed=True)
+            for note in self.snapshots.notes:
+                self.guard.warn_once(note, note)
 
     # -- emission -------------------------------------------------------------------------------------
     def metrics(self, step: int | None) -> dict[str, float]:

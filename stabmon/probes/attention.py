@@ -47,6 +47,7 @@ class AttentionProbe:
 
     def __init__(self) -> None:
         self.layers: dict[str, HeadStats] = {}
+        self.shapes: dict[str, tuple[int, int, int]] = {}  # per layer (heads, query length, key length), kept
         self._by_module: dict[str, str] = {}
 
     def reset(self) -> None:
@@ -70,6 +71,7 @@ class AttentionProbe:
         entropy_min = torch.where(live, stats.entropy, float("inf")).amin(dim=(0, 2))
         max_logit = stats.max_logit.amax(dim=(0, 2))
         layer = self._layer_for(module, entropy_sum.shape[0])
+        self.shapes[layer] = (int(q.shape[1]), int(q.shape[-2]), int(k.shape[-2]))
         acc = self.layers.get(layer)
         if acc is None:
             self.layers[layer] = HeadStats(module, entropy_sum, row_count, entropy_min, max_logit)

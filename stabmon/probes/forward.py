@@ -8,6 +8,7 @@ calls through the small ``AttentionListener`` protocol it implements.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from typing import Any, Protocol
 
@@ -15,6 +16,7 @@ import torch
 
 from stabmon._failsoft import FailSoft
 from stabmon.curvature.hessian_vector import isolated_rng
+from stabmon.memory import MemoryBudget, MemoryPlan, memory_plan
 from stabmon.probes.attention import AttentionProbe
 from stabmon.probes.capture import ForwardCapture
 from stabmon.probes.compiled import eager_view, is_compiled
@@ -62,14 +64,14 @@ class ForwardProbes:
 
     def __init__(self, model: torch.nn.Module, *, sample_every_n_steps: int = 50, attention: bool = True,
                  logits: bool = True, sharpness: SharpnessConfig | None = None, compiled_probe_rows: int = 4,
-                 guard: FailSoft | None = None) -> None:
+                 guard: FailSoft | None = None, memory_budget: MemoryBudget | None = None) -> None:
         self.model = model
         self.sample_every_n_steps = sample_every_n_steps
         self.compiled_probe_rows = compiled_probe_rows
         self.guard = guard or FailSoft()
         self.attention = AttentionProbe() if attention else None
         self.logits = LogitProbe() if logits else None
-        self.sharpness = SharpnessProbe(sharpness) if sharpness is not None else None
+        self.sharpness = SharpnessProbe(sharpness, memory_budget) if sharpness is not None else None
         self.listener: AttentionListener | None = None
         self.capture = ForwardCapture(on_attention=self._on_attention if self.attention else None,
                                       on_logits=self.logits.observe if self.logits else None, guard=self.guard.run)
@@ -178,33 +180,35 @@ class ForwardProbes:
 
     # -- sharpness -----------------------------------------------------------------------------
     @property
-    def sharpness_batch_size(self) -> int | None:
-        """Rows of the held batch the sharpness probe wants (None: no probe, or switched off)."""
-        if self.sharpness is None or "sharpness probe" in self.guard.disabled:
-            return None
-        return self.sharpness.config.batch_size
+    def attention_shapes(self) -> dict[str, tuple[int, int, int]]:
+        """Per attention layer seen so far: ``(heads, query length, key length)`` (the memory plan's input)."""
+        return dict(self.attention.shapes) if self.attention is not None else {}
 
-    def sharpness_due(self) -> bool:
-        """True when the sharpness probe wants an estimate at the current step."""
+    def hold_sharpness_batch(self, batch: Any, loss_of: Callable[[Any], torch.Tensor]) -> None:
+        """The first training batch (its first rows, copied) and ``loss_of(batch) -> loss``: the
+        sharpness probe's held batch, cut to its memory budget at each estimate."""
+        if self.sharpness is not None and "sharpness probe" not in self.guard.disabled and not self.sharpness.holding:
+            self.guard.run("sharpness probe", self.sharpness.hold, batch, loss_of)
+
+    def sharpness_due(self, loss_fn: Callable[[], torch.Tensor] | None = None) -> bool:
+        """True when the sharpness probe wants an estimate at the current step (and has a loss:
+        ``loss_fn`` or a held batch)."""
         return (self.sharpness is not None and self.step is not None and self.sharpness.should_run(self.step)
-                and not self.guard.off("sharpness probe"))
+                and (loss_fn is not None or self.sharpness.holding) and not self.guard.off("sharpness probe"))
 
-    def prepare_sharpness(self) -> None:
+    def prepare_sharpness(self, loss_fn: Callable[[], torch.Tensor] | None = None) -> None:
         """Before the step's read: the probe's own checks (memory), so that a rank that cannot
         run it says so with the read, and no rank starts an estimate the others skip."""
-        if self.sharpness_due():
-            self.guard.run("sharpness probe", self.sharpness.preflight, self.model)
+        if self.sharpness_due(loss_fn):
+            self.guard.run("sharpness probe", self.sharpness.preflight, self.model, self.attention_shapes)
 
-    def measure_sharpness(self, loss_fn: Callable[[], torch.Tensor], optimizer: torch.optim.Optimizer | None) -> None:
-        """One estimate on the held batch (``loss_fn``); its values join the step's emission."""
-        if not self.sharpness_due():
+    def measure_sharpness(self, loss_fn: Callable[[], torch.Tensor] | None,
+                          optimizer: torch.optim.Optimizer | None) -> None:
+        """One estimate on the held batch (``loss_fn``, or the batch given to ``hold_sharpness_batch``);
+        its values join the step's emission."""
+        if not self.sharpness_due(loss_fn):
             return
-        if self.compiled:  # no double backward through a compiled graph: the eager original
-            compiled_loss = loss_fn
-
-            def loss_fn() -> torch.Tensor:
-                with eager_view(self.model):
-                    return compiled_loss()
+        wrap = eager_view(self.model) if self.compiled else None  # no double backward through a compiled graph
 
         # The held batch's forwards (on weights moved along the HVP's direction) are no training
         # step: the listener's per-step measurement must not see them.
@@ -212,13 +216,33 @@ class ForwardProbes:
         if paused:
             self.listener.remove_hooks()
         try:
-            values = self.guard.run("sharpness probe", self.sharpness.measure, loss_fn, self.model, optimizer)
+            with wrap if wrap is not None else contextlib.nullcontext():
+                values = self.guard.run("sharpness probe", self.sharpness.measure, loss_fn, self.model, optimizer,
+                                        self.attention_shapes)
         finally:
             if paused:
                 self.listener.attach_hooks()
         self._sharpness_values = values or {}
         for note in self.sharpness.notes:
             self.guard.warn_once(note, note)
+        plan = self.sharpness.plan
+        if plan is not None and (plan.why or not plan.fits):  # once: the whole table, so the user sees why
+            self.guard.warn_once("memory plan", "stabmon: the monitor's memory on this rank, part by part "
+                                 f"(stabmon.memory_plan):\n{self.memory_plan(self.sharpness.budget).table()}")
+
+    def memory_plan(self, budget: MemoryBudget | None = None, seq_len: int | None = None,
+                    world_size: int | None = None) -> MemoryPlan:
+        """The monitor's memory for this model (``stabmon.memory_plan``): the attention layers and the
+        sequence length as the sampled forwards saw them, the sharpness probe's settings."""
+        from stabmon.signals import world_size as ranks
+
+        shapes, sharp = self.attention_shapes, (self.sharpness.config if self.sharpness else SharpnessConfig())
+        if seq_len is None:
+            seq_len = max((s[1] for s in shapes.values()), default=1)
+        return memory_plan(self.model, seq_len=seq_len, world_size=world_size or ranks(), held_rows=sharp.batch_size,
+                           iters=sharp.iters, method=sharp.method, hvp_mode=sharp.hvp_mode, budget=budget,
+                           attention=shapes, activation_bytes_per_token=(
+                               self.sharpness.activation_bytes_per_token if self.sharpness else None))
 
     @property
     def has_sharpness_values(self) -> bool:

@@ -24,11 +24,11 @@ def test_plain_loop_under_fsdp_on_two_processes(tmp_path):
     import pytest
 
     pytest.importorskip("torch.distributed.fsdp")
-    env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1", "PYTHONFAULTHANDLER": "1"}
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                            str(ROOT / "examples" / "plain_loop.py"), "--fsdp"], capture_output=True, text=True,
                           env=env, timeout=600, cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.returncode == 0, f"{proc.stdout[-1500:]}\n{proc.stderr[-6000:]}"  # faulthandler: where it aborted
     out = proc.stdout
     for expected in ("step  150 skip_step", "step  300 skip_step", "step  301 rollback"):
         assert expected in out, out[-3000:]
