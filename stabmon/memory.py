@@ -328,6 +328,6 @@ def memory_plan(model: torch.nn.Module | None = None, *, shape: ModelShape | Non
         Part(f"snapshots, per host of {gpus_per_host} GPUs", "host", snapshot * gpus_per_host,
              snapshot * (gpus_per_host if sharded else 1),
              "each rank its shards" if sharded else "replicated: one copy (rank 0's), not one per rank"),
-        Part("forensics, one investigation", "device", local * 4, local * 4, "a gradient; chunked all-reduce"),
+        Part("forensics, one investigation", "device", local * 4, local * 4, "a gradient of the held rows (transient)"),
     ]
     return plan

@@ -29,6 +29,7 @@ class RunSummary:
         "attention/max_logit": max,
         "logits/logz_max": max,
         "logits/max_logit": max,
+        "logits/min_logit": min,
         "gradients/norm_max": max,
         "gradients/norm_min": min,
         "update/ratio": max,

@@ -190,5 +190,8 @@ def test_a_checkpoint_written_before_the_pipeline_loads():
     for finding in written["findings"]:
         assert finding.pop("layer") in (None, "layer_00")  # the one field added since
     assert written.pop("forensics") == {"skip_list": [], "records": []}  # and the one key
+    detectors = written["detectors"]  # and the slow-divergence detector, new since: fresh, and named
+    assert detectors.pop("per_step_names")[-1] == "loss_drift"
+    assert detectors["per_step"].pop()["values"] == []
     assert normal(written) == normal(saved)
     assert math.isnan(core.findings[-1].value)

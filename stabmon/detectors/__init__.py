@@ -7,6 +7,7 @@ from typing import Any
 
 from stabmon._validation import check_in, check_positive_float, check_positive_int
 from stabmon.detectors.base import SEVERITIES, Detector, Finding
+from stabmon.detectors.drift import DriftDetector
 from stabmon.detectors.spike import SpikeDetector
 from stabmon.detectors.threshold import NonFiniteDetector, ThresholdDetector, TrendDetector
 
@@ -15,6 +16,7 @@ __all__ = [
     "DetectionConfig",
     "Detector",
     "DetectorSet",
+    "DriftDetector",
     "Finding",
     "NonFiniteDetector",
     "SpikeDetector",
@@ -49,6 +51,11 @@ class DetectionConfig:
             step 100), so crossing it is reported, not acted on. ``"warning"`` makes it a rung
             of the ladder.
         trend_lookback: samples (sampled steps) looked back over by the trend detectors. Default 5.
+        loss_drift_window: steps in the trailing median of the slow-divergence detector, which warns
+            when that median has stayed above its best by ``loss_drift_margin`` (absolute, and
+            relative to the best: the larger) for as many steps again; a rise that follows an LR
+            the schedule raised is not one. Default 50; None turns it off.
+        loss_drift_margin: see ``loss_drift_window``. Default 0.05 (0.125 nats at a loss of 2.5).
         min_loss_scale: under fp16 mixed precision, the GradScaler's scale
             (``gradients/loss_scale``) below which the run is diverging: a critical finding.
             The scaler halves its scale at every step whose gradients overflow and skips that
@@ -73,6 +80,8 @@ class DetectionConfig:
     eos_ratio_severity: str = "info"
     trend_lookback: int = 5
     min_loss_scale: float | None = 1.0
+    loss_drift_window: int | None = 50
+    loss_drift_margin: float = 0.05
 
     def __post_init__(self) -> None:
         for name in ("spike_z_warning", "spike_z_critical", "attention_logit_ceiling", "attention_logit_growth",
@@ -83,6 +92,9 @@ class DetectionConfig:
         check_in("eos_ratio_severity", self.eos_ratio_severity, SEVERITIES)
         if self.min_loss_scale is not None:
             check_positive_float("min_loss_scale", self.min_loss_scale)
+        if self.loss_drift_window is not None:
+            check_positive_int("loss_drift_window", self.loss_drift_window)
+        check_positive_float("loss_drift_margin", self.loss_drift_margin)
         if self.spike_z_critical < self.spike_z_warning:
             raise ValueError(f"`spike_z_critical` ({self.spike_z_critical}) must be >= `spike_z_warning` "
                              f"({self.spike_z_warning})")
@@ -100,6 +112,9 @@ class DetectionConfig:
                 *([ThresholdDetector("gradients/loss_scale", floor=self.min_loss_scale, severity="critical",
                                      explain=" (fp16: the GradScaler keeps finding inf/NaN gradients)",
                                      name="loss_scale_floor")] if self.min_loss_scale is not None else []),
+                *([DriftDetector("loss/last", window=self.loss_drift_window, patience=self.loss_drift_window,
+                                 abs_margin=self.loss_drift_margin, rel_margin=self.loss_drift_margin,
+                                 name="loss_drift")] if self.loss_drift_window is not None else []),
             ],
             sampled=[
                 NonFiniteDetector(signals=()),  # loss and gradient norm are checked every step already
@@ -139,7 +154,7 @@ class DetectorSet:
             return []
         return [f for d in self.sampled for f in d.update(step, relevant)]
 
-    def quiet_until(self, step: int, names: tuple[str, ...] = ("loss_spike", "grad_norm_spike")) -> None:
+    def quiet_until(self, step: int, names: tuple[str, ...] = ("loss_spike", "grad_norm_spike", "loss_drift")) -> None:
         """Expected rise (the monitor's own intervention): those detectors neither alarm nor learn."""
         for d in self.per_step + self.sampled:
             if d.name in names:
@@ -149,10 +164,16 @@ class DetectorSet:
         return {
             "per_step": [d.state_dict() for d in self.per_step],
             "sampled": [d.state_dict() for d in self.sampled],
+            "per_step_names": [d.name for d in self.per_step],
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        for d, s in zip(self.per_step, state["per_step"]):
-            d.load_state_dict(s)
+        # By name where the state says (a detector switched on or off since it was saved keeps the rest
+        # in place); by position for states of earlier versions.
+        names = state.get("per_step_names") or [d.name for d in self.per_step][:len(state["per_step"])]
+        saved = dict(zip(names, state["per_step"]))
+        for d in self.per_step:
+            if d.name in saved:
+                d.load_state_dict(saved[d.name])
         for d, s in zip(self.sampled, state["sampled"]):
             d.load_state_dict(s)

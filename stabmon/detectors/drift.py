@@ -33,6 +33,9 @@ class DriftDetector(Detector):
         abs_margin, rel_margin: the margin above the best, ``max(abs_margin, rel_margin * |best|)``.
             Defaults 0.05 and 0.05 (for a language model's loss near 2.5 nats: 0.125 nats).
         severity: of the finding. Default ``"warning"``.
+        lr_signal: the learning rate the schedule set (``"optimizer/lr"``). When it goes up (a warmup,
+            a re-warm on purpose in continual pre-training) the best starts over, so the rise that
+            follows is no finding. None: not watched.
 
     Example:
         >>> det = DriftDetector(window=2, patience=3)
@@ -42,7 +45,8 @@ class DriftDetector(Detector):
     """
 
     def __init__(self, signal: str = "loss/last", *, window: int = 50, patience: int = 50, abs_margin: float = 0.05,
-                 rel_margin: float = 0.05, severity: str = "warning", name: str = "loss_drift") -> None:
+                 rel_margin: float = 0.05, severity: str = "warning", name: str = "loss_drift",
+                 lr_signal: str | None = "optimizer/lr") -> None:
         super().__init__()
         check_positive_int("window", window)
         check_positive_int("patience", patience)
@@ -60,6 +64,8 @@ class DriftDetector(Detector):
         self.onset: int | None = None  # first step of the stretch above the margin in progress
         self._above = 0
         self._fired = False
+        self.lr_signal = lr_signal
+        self._lr: float | None = None
 
     @property
     def drifting(self) -> bool:
@@ -76,6 +82,12 @@ class DriftDetector(Detector):
         if self.quiet(step):  # an expected rise (the monitor's re-warm or rollback): the stretch starts over
             self._above, self.onset = 0, None
             return []
+        lr = values.get(self.lr_signal) if self.lr_signal is not None else None
+        if lr is not None:
+            if self._lr is not None and lr > self._lr * 1.001:  # the schedule raised the LR (a warmup, a re-warm
+                self.best, self.best_step = math.inf, None  # on purpose): the loss may rise; its best starts over
+                self._above, self.onset, self._fired = 0, None, False
+            self._lr = lr
         if len(self._values) == self.window:
             del self._sorted[bisect.bisect_left(self._sorted, self._values[0])]
         self._values.append(x)
@@ -102,7 +114,7 @@ class DriftDetector(Detector):
 
     def state_dict(self) -> dict[str, Any]:
         return {**super().state_dict(), "values": list(self._values), "best": self.best, "best_step": self.best_step,
-                "onset": self.onset, "above": self._above, "fired": self._fired}
+                "onset": self.onset, "above": self._above, "fired": self._fired, "lr": self._lr}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)
@@ -110,3 +122,4 @@ class DriftDetector(Detector):
         self._sorted = sorted(self._values)
         self.best, self.best_step, self.onset = float(state["best"]), state["best_step"], state["onset"]
         self._above, self._fired = int(state["above"]), bool(state["fired"])
+        self._lr = state.get("lr")  # absent in a state of an earlier version

@@ -91,6 +91,9 @@ class InterventionConfig:
         lr_cut_after: warnings of the same signal within ``lr_cut_window`` steps that make the
             cut, once a scale-down and a re-warm have been tried. Default 3.
         lr_cut_window: steps over which those warnings are counted. Default 500.
+        rollback_lr_cut: a rollback also makes a lasting LR cut of ``lr_cut_factor`` (the state it
+            returns to blew up at this LR once). Default False: under measurement
+            (``benchmarks/lr_sweep.py --high``); a transient fault is no reason to cut the LR.
     """
 
     lr_factor: float = 0.5
@@ -116,6 +119,7 @@ class InterventionConfig:
     lr_cut_factor: float = 0.5
     lr_cut_after: int = 3
     lr_cut_window: int = 500
+    rollback_lr_cut: bool = False
 
     def __post_init__(self) -> None:
         if not 0 < self.lr_factor < 1:
@@ -129,7 +133,7 @@ class InterventionConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ValueError(f"`{name}` must be a non-negative int, got {value!r}")
-        for name in ("skip_steps", "rollback", "stop"):
+        for name in ("skip_steps", "rollback", "stop", "rollback_lr_cut"):
             check_bool(name, getattr(self, name))
         if self.snapshot_dir is not None and not isinstance(self.snapshot_dir, (str, Path)):
             raise ValueError(f"`snapshot_dir` must be a path or None, got {self.snapshot_dir!r}")

@@ -14,7 +14,8 @@ The ladder, in the default configuration:
 * a **critical** finding (non-finite loss or gradient, a spike above the critical z-score)
   **skips the step** (parameters and optimizer state untouched);
 * ``rollback_after`` critical findings within ``window`` steps **roll back** to the last
-  healthy snapshot and skip the next ``skip_batches`` batches;
+  healthy snapshot and skip the next ``skip_batches`` batches (with ``rollback_lr_cut``, also
+  a lasting LR cut by ``lr_cut_factor``: that state blew up at this LR once);
 * more than ``max_rollbacks`` rollbacks **stop** the run (with a checkpoint, in Lightning).
 
 At most ``max_actions_per_window`` actions are taken in any ``window`` steps (past the cap a
@@ -142,6 +143,10 @@ class EscalationPolicy:
                 decision.actions.append(Action(step, "rollback",
                                                f"rollback {self.rollbacks}/{cfg.max_rollbacks}, skipping the next "
                                                f"{cfg.skip_batches} batches; {why}"))
+                if cfg.rollback_lr_cut:
+                    decision.lr_cut = cfg.lr_cut_factor
+                    decision.actions.append(Action(step, "lr_cut", f"LR x{cfg.lr_cut_factor:g} for the rest of the "
+                                                   "run: the state rolled back to blew up at this LR once"))
                 return self._record(step, decision)
             if cfg.skip_steps:
                 decision.skip_step = True

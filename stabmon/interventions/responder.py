@@ -85,8 +85,9 @@ class Responder:
         self.observe_only = observe_only
         self.policy = EscalationPolicy(config) if config is not None else None
         self.lr_control = LRController()
-        self.snapshots = (Snapshotter(config.snapshot_dir, fallback_dir=Path(run_dir) / "stabmon-snapshots"
-                                      if run_dir is not None else None) if config is not None else None)
+        fallback = Path(run_dir) / "stabmon-snapshots" if run_dir is not None else None
+        self.snapshots = (Snapshotter(config.snapshot_dir, asynchronous=True, fallback_dir=fallback)
+                          if config is not None else None)
         tau = config.qk_clip_tau if config is not None else None
         self.qk_clip = (QKClipper(model, tau, alpha=config.qk_clip_alpha, overrides=config.qk_clip_overrides,
                                   all_reduce=all_reduce, layer_names=layer_names, guard=self.guard.run)

@@ -9,9 +9,9 @@ the live tensors in place, so a rollback leaves every parameter, buffer and opti
 shard bit-identical to the snapshot, and nothing is re-sharded or re-allocated. The learning
 rates the scheduler set now are kept, so the schedule goes on where it is.
 
-In memory the copy is asynchronous: the step that names the snapshot returns at once while a
-thread (on CUDA: a side stream into pinned host memory) copies; the copy is waited for before
-the next optimizer step changes the weights (``wait``), and before a restore. The host buffers
+In memory, with ``asynchronous=True`` (as the monitor runs it), the step that names the snapshot
+returns at once while a thread (on CUDA: a side stream into pinned host memory) copies; the copy
+is waited for before the next optimizer step changes the weights (``wait``), and before a restore. The host buffers
 are reused from one snapshot to the next, so a job holds one copy, not two.
 
 Before the first copy the host's free memory is checked: a copy that would take more than
@@ -75,20 +75,21 @@ class Snapshotter:
 
     Args:
         directory: where snapshots go on disk; None keeps them in host memory.
-        asynchronous: copy in the background in memory (``wait`` before the weights change);
-            False copies within ``take``.
+        asynchronous: copy in the background in memory; the caller must ``wait`` before the
+            weights change (the monitor does, before each optimizer step). Default False: the copy
+            is made within ``take``.
         fallback_dir: where snapshots go when one would not fit in host memory; None stops them.
 
     Example:
         >>> m = torch.nn.Linear(2, 1); opt = torch.optim.SGD(m.parameters(), lr=0.1)
-        >>> snap = Snapshotter(); snap.take(5, m, opt)
+        >>> snap = Snapshotter(asynchronous=True); snap.take(5, m, opt)
         >>> snap.wait()  # the copy runs in the background until the weights are to change
         >>> _ = m.weight.data.fill_(7.0)
         >>> snap.restore(m, opt), bool((m.weight != 7.0).all())
         (5, True)
     """
 
-    def __init__(self, directory: str | Path | None = None, *, asynchronous: bool = True,
+    def __init__(self, directory: str | Path | None = None, *, asynchronous: bool = False,
                  fallback_dir: str | Path | None = None) -> None:
         self.directory = Path(directory) if directory is not None else None
         self.asynchronous = asynchronous

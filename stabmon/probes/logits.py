@@ -1,4 +1,4 @@
-"""Logit probe: log-partition, max logit and entropy of the logits given to cross-entropy."""
+"""Logit probe: log-partition, max, mean and min logit and entropy of the logits given to cross-entropy."""
 
 from __future__ import annotations
 
@@ -43,6 +43,11 @@ class LogitProbe:
             keep = target != ignore_index
         finite = torch.isfinite(stats.lse) & torch.isfinite(stats.max_logit)
         use = keep & finite
+        # The mean and min over the vocabulary: the drift of the logits of tokens the data never
+        # has (OLMo-core logs them too). Two more passes over the logits, on sampled steps only;
+        # the mean accumulates in float32 without a float32 copy of the logits.
+        mean_logit = torch.mean(logits, dim=-1, dtype=torch.float32)
+        min_logit = logits.amin(dim=-1).float()
         part = {
             "lse_sum": torch.where(use, stats.lse, 0).sum(),
             "lse_max": torch.where(use, stats.lse, float("-inf")).max(),
@@ -50,15 +55,18 @@ class LogitProbe:
             "entropy_sum": torch.where(use, stats.entropy, 0).sum(),
             "count": use.sum().float(),
             "nonfinite": (keep & ~finite).sum().float(),
+            "mean_logit_sum": torch.where(use, mean_logit, 0).sum(),
+            "min_logit": torch.where(use, min_logit, float("inf")).min(),
         }
         if self._acc is None:
             self._acc = part
             return
         acc = self._acc
-        for key in ("lse_sum", "entropy_sum", "count", "nonfinite"):
+        for key in ("lse_sum", "entropy_sum", "count", "nonfinite", "mean_logit_sum"):
             acc[key] = acc[key] + part[key]
         acc["lse_max"] = torch.maximum(acc["lse_max"], part["lse_max"])
         acc["max_logit"] = torch.maximum(acc["max_logit"], part["max_logit"])
+        acc["min_logit"] = torch.minimum(acc["min_logit"], part["min_logit"])
 
     def signals(self, out: SignalSet, prefix: str = "logits") -> None:
         if self._acc is None:
@@ -68,4 +76,6 @@ class LogitProbe:
         out.add_max(f"{prefix}/logz_max", acc["lse_max"], defined=acc["count"])
         out.add_max(f"{prefix}/max_logit", acc["max_logit"], defined=acc["count"])
         out.add_mean(f"{prefix}/entropy_mean", acc["entropy_sum"], acc["count"])
+        out.add_mean(f"{prefix}/mean_logit", acc["mean_logit_sum"], acc["count"])
+        out.add_min(f"{prefix}/min_logit", acc["min_logit"], defined=acc["count"])
         out.add_sum(f"{prefix}/nonfinite", acc["nonfinite"])

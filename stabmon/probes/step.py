@@ -39,7 +39,8 @@ class StepValues:
     ``loss``: the step's loss, averaged over ranks; ``grad_norm``: the whole model's gradient
     norm before any clip (None when not read, or when the fp16 GradScaler found an overflow:
     ``overflow``); ``loss_scale``: the scale of fp16 mixed precision, if any; ``listed``: the
-    batch holds a row of the skip list, on some rank.
+    batch holds a row of the skip list, on some rank; ``lr``: the schedule's learning rate (read
+    before the monitor scales it).
     """
 
     loss: float | None = None
@@ -47,6 +48,7 @@ class StepValues:
     loss_scale: float | None = None
     overflow: bool = False
     listed: bool = False  # the batch holds a row of the skip list (on any rank)
+    lr: float | None = None  # the largest learning rate the schedule set for this step (the same on every rank)
 
     def for_detectors(self) -> dict[str, float]:
         """The values under the signal names the per-step detectors know."""
@@ -57,7 +59,19 @@ class StepValues:
             out["gradients/norm"] = self.grad_norm
         if self.loss_scale is not None:
             out["gradients/loss_scale"] = self.loss_scale
+        if self.lr is not None:
+            out["optimizer/lr"] = self.lr
         return out
+
+
+def _scheduled_lr(optimizer: torch.optim.Optimizer | None) -> float | None:
+    """The largest learning rate of the optimizer's groups (a host value; a tensor LR is read once)."""
+    if optimizer is None or not optimizer.param_groups:
+        return None
+    try:
+        return max(float(g["lr"]) for g in optimizer.param_groups)
+    except (KeyError, TypeError, ValueError):
+        return None
 
 
 class StepReader:
@@ -121,9 +135,13 @@ class StepReader:
         if to_host and "step read" not in self.guard.disabled:  # failed here only: it still joins the collective
             all_reduce = active_all_reduce(self._all_reduce)
             if all_reduce is None or not self.guard.synced:
-                return self.guard.run("step read", self._read_unsynced, loss, norms, scale, all_reduce,
-                                      flag) or StepValues(listed=bool(flag is not None and flag.item()))
-            return self._read_synced(loss, norms, scale, all_reduce, step, flag)
+                values = self.guard.run("step read", self._read_unsynced, loss, norms, scale, all_reduce,
+                                        flag) or StepValues(listed=bool(flag is not None and flag.item()))
+            else:
+                values = self._read_synced(loss, norms, scale, all_reduce, step, flag)
+            if values is not None:  # (None: the step's read was switched off at this reduction)
+                values.lr = _scheduled_lr(optimizer)
+            return values
         self.guard.run("signals", self._record_device, loss, norms, scale)
         return StepValues(listed=True) if flag is not None and flag.item() else None
 

@@ -22,6 +22,7 @@ _SUMMARIES = {
     "attention/max_logit*": "max",
     "logits/logz_max": "max",
     "logits/max_logit": "max",
+    "logits/min_logit": "min",
     "gradients/norm_max": "max",
     "sharpness/eos_ratio": "max",
     "sharpness/top_eigenvalue": "max",

@@ -41,7 +41,7 @@ def worker(rank: int, out_dir: str, snapshot_dir: str | None, port: int) -> None
         model = torch.nn.Sequential(torch.nn.Linear(16, 64), torch.nn.Tanh(), torch.nn.Linear(64, 4))
         ddp = torch.nn.parallel.DistributedDataParallel(model)
         opt = torch.optim.AdamW(ddp.parameters(), lr=1e-2)
-        snap = Snapshotter(snapshot_dir)
+        snap = Snapshotter(snapshot_dir, asynchronous=True)
         gen = torch.Generator().manual_seed(rank)  # each rank its own batches
         at_snapshot = None
         for step in range(STEPS):

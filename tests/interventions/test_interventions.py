@@ -103,6 +103,19 @@ def test_snapshot_round_trip_keeps_current_lr(tmp_path):
         assert opt.param_groups[0]["lr"] == 0.03
 
 
+def test_a_rollback_can_cut_the_lr_for_good():
+    cfg = InterventionConfig(rollback_after=2, rollback_lr_cut=True, lr_cut_factor=0.25)
+    policy = EscalationPolicy(cfg)
+    policy.decide(30, [critical(30)], lr_reduced=False, snapshot_available=True)
+    d = policy.decide(31, [critical(31)], lr_reduced=False, snapshot_available=True)
+    assert d.rollback and d.lr_cut == 0.25 and [a.name for a in d.actions] == ["rollback", "lr_cut"]
+    plain = EscalationPolicy(InterventionConfig(rollback_after=2))
+    plain.decide(30, [critical(30)], lr_reduced=False, snapshot_available=True)
+    assert plain.decide(31, [critical(31)], lr_reduced=False, snapshot_available=True).lr_cut is None
+    with pytest.raises(ValueError, match="`rollback_lr_cut`"):
+        InterventionConfig(rollback_lr_cut="yes")
+
+
 def test_ladder_escalates_and_does_not_loop():
     cfg = InterventionConfig(cooldown=10, window=100, rollback_after=2, max_rollbacks=1, skip_batches=3)
     policy = EscalationPolicy(cfg)

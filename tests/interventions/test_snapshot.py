@@ -50,7 +50,7 @@ def test_an_asynchronous_snapshot_is_the_state_of_its_step_while_training_goes_o
     opt.step()
     opt.zero_grad()
     expected = state_of(model, opt)
-    snap, sync = Snapshotter(), Snapshotter(asynchronous=False)
+    snap, sync = Snapshotter(asynchronous=True), Snapshotter()
     sync.take(3, model, opt)
     snap.take(3, model, opt)
     step(model, opt, seed=2)  # the next forward (BatchNorm statistics move) and backward, during the copy
@@ -68,7 +68,7 @@ def test_an_asynchronous_snapshot_is_the_state_of_its_step_while_training_goes_o
 def test_the_host_buffers_are_reused_from_one_snapshot_to_the_next():
     model, opt = trained()
     opt.step()
-    snap = Snapshotter()
+    snap = Snapshotter(asynchronous=True)
     snap.take(1, model, opt)
     snap.wait()
     first = {id(t) for t in snap._copier._buffers.values()}
@@ -97,7 +97,7 @@ def test_a_snapshot_too_big_for_host_memory_goes_to_disk_or_stops_with_a_clear_m
 
 def test_a_failed_copy_is_no_snapshot(monkeypatch):
     model, opt = trained()
-    snap = Snapshotter()
+    snap = Snapshotter(asynchronous=True)
     snap.take(1, model, opt)
     snap.wait()
     original = torch.Tensor.copy_

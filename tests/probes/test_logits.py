@@ -62,3 +62,22 @@ def test_reset_forgets_and_no_call_gives_no_signal():
     probe.observe(torch.zeros(2, 3), None)
     probe.reset()
     assert not probe.seen and reduce(probe) == {}
+
+
+def test_mean_and_min_logit_over_the_vocabulary_in_bf16_without_a_float32_copy():
+    gen = torch.Generator().manual_seed(1)
+    logits = (torch.randn(5, 7, 300, generator=gen) * 3 - 20).to(torch.bfloat16)  # drifted down, as unseen tokens
+    target = torch.randint(0, 300, (5, 7), generator=gen)
+    target[0, :3] = -100
+    probe = LogitProbe()
+    probe.observe(logits.transpose(1, 2), target)  # cross_entropy's (N, C, d) layout
+    values = reduce(probe)
+    keep = (target != -100).reshape(-1)
+    exact = logits.double().reshape(-1, 300)[keep]
+    assert math.isclose(values["logits/mean_logit"], exact.mean(dim=-1).mean().item(), rel_tol=1e-5)
+    assert values["logits/min_logit"] == exact.min().item()
+    nan_row = torch.zeros(2, 4)
+    nan_row[1, 0] = float("nan")
+    probe = LogitProbe()
+    probe.observe(nan_row)
+    assert reduce(probe)["logits/min_logit"] == 0.0 and reduce(probe)["logits/mean_logit"] == 0.0
