@@ -66,6 +66,14 @@ def worker(rank: int, out_dir: str, snapshot_dir: str | None, port: int) -> None
         dist.destroy_process_group()
 
 
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:  # a port the system just handed out, not one derived from the pid
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 if __name__ == "__main__":
     out, snapshot_dir = sys.argv[1], (sys.argv[2] if len(sys.argv) > 2 else None)
-    mp.spawn(worker, args=(out, snapshot_dir, 29500 + os.getpid() % 1000), nprocs=2)
+    mp.spawn(worker, args=(out, snapshot_dir, free_port()), nprocs=2)
