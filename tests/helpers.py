@@ -133,10 +133,14 @@ def quiet_trainer(trainer_class: type | None = None, **kwargs):
     return (trainer_class or pl.Trainer)(**defaults)
 
 
-def monitored_step(core, step: int, loss_of_batch, optimizer: torch.optim.Optimizer, held_loss=None):
+def monitored_step(core, step: int, loss_of_batch, optimizer: torch.optim.Optimizer, held_loss=None,
+                   before_forward=None):
     """One step of a plain loop under ``core`` (the protocol of ``stabmon.MonitorCore``):
-    ``loss_of_batch()`` runs the forward; returns the step's emission (None on most steps)."""
+    ``loss_of_batch()`` runs the forward; ``before_forward()`` runs just before it (e.g.
+    ``core.observe_batch``); returns the step's emission (None on most steps)."""
     core.start_step(step)
+    if before_forward is not None:
+        before_forward()
     loss = loss_of_batch()
     core.end_forward()
     core.observe_loss(loss)

@@ -30,7 +30,7 @@ from stabmon import DetectionConfig, InterventionConfig, MonitorCore, StabilityM
 from stabmon._failsoft import FailSoft
 from stabmon.alerts import AlertChannel
 from tests.callbacks.test_stability_monitor import RecordingLogger
-from tests.helpers import Faulty, TinyTransformer, quiet_trainer, token_loader
+from tests.helpers import Faulty, TinyTransformer, monitored_step, quiet_trainer, token_loader
 
 FAULT_FROM = 12  # the injected fault fires on every call from this step on
 SPIKE, NAN = 40, (45, 46)  # a critical spike (skip), then NaN losses: the second critical in the window rolls back
@@ -201,18 +201,14 @@ def test_a_rollback_whose_snapshot_files_are_gone_leaves_detection_on(tmp_path):
                 for file in (tmp_path / "snap").iterdir():
                     file.unlink()
             tokens = torch.randint(32, (4, 9), generator=gen)
-            core.start_step(step)
-            loss = torch.nn.functional.cross_entropy(model(tokens[:, :-1]).reshape(-1, 32), tokens[:, 1:].reshape(-1))
-            if 200 <= step <= 215 or step == 330:
-                loss = loss * math.nan
-            core.end_forward()
-            core.observe_loss(loss)
-            loss.backward()
-            core.before_optimizer_step(optimizer=opt)
-            opt.step()
-            opt.zero_grad()
-            core.after_optimizer_step()
-            metrics = core.end_step()
+            poisoned = 200 <= step <= 215 or step == 330
+
+            def loss_of_batch():
+                loss = torch.nn.functional.cross_entropy(model(tokens[:, :-1]).reshape(-1, 32),
+                                                         tokens[:, 1:].reshape(-1))
+                return loss * math.nan if poisoned else loss
+
+            metrics = monitored_step(core, step, loss_of_batch, opt)
             if metrics:
                 emitted[step] = metrics
     assert set(core.guard.disabled) == {"rollback"}

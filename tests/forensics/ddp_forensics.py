@@ -19,6 +19,7 @@ import torch.multiprocessing as mp
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 from tests.forensics.loop import POISON_STEP, batches, loss_of, make  # noqa: E402
+from tests.helpers import monitored_step  # noqa: E402
 
 
 def train(out_dir: str, rank: int) -> None:
@@ -26,18 +27,10 @@ def train(out_dir: str, rank: int) -> None:
     ddp = torch.nn.parallel.DistributedDataParallel(model)
     core = type(core)(ddp, options=core.options)  # the monitor watches the DDP model, as a user's would
     for step, batch in batches(POISON_STEP + 5, poison_step=POISON_STEP if rank == 1 else None, seed=rank):
-        core.start_step(step)
-        core.observe_batch(batch, loss_of(model), epoch=0, batch_index=step)  # the replay: the module itself
         x, y = batch
-        loss = torch.nn.functional.cross_entropy(ddp(x).reshape(-1, 32), y.reshape(-1))
-        core.end_forward()
-        core.observe_loss(loss)
-        loss.backward()
-        core.before_optimizer_step(optimizer=opt)
-        opt.step()
-        opt.zero_grad()
-        core.after_optimizer_step()
-        core.end_step()
+        monitored_step(core, step, lambda: torch.nn.functional.cross_entropy(ddp(x).reshape(-1, 32), y.reshape(-1)),
+                       opt, before_forward=lambda: core.observe_batch(  # the replay: the module itself
+                           batch, loss_of(model), epoch=0, batch_index=step))
     weights = hashlib.sha256(b"".join(p.detach().numpy().tobytes() for p in model.parameters())).hexdigest()
     record = {"records": [r.to_dict() for r in core.forensics], "actions": [a.to_dict() for a in core.actions_taken],
               "skip_list": core.responder.forensics.skip_list.state_dict(), "weights": weights,

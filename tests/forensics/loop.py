@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from stabmon import DetectionConfig, InterventionConfig, MonitorCore
-from tests.helpers import TinyTransformer
+from tests.helpers import TinyTransformer, monitored_step
 
 POISON_STEP, POISON_ROW, ROWS = 250, 5, 8
 DETECTION = DetectionConfig(spike_warmup=30, spike_z_critical=7)
@@ -49,14 +49,5 @@ def train(model, opt, core, stream, hooks=None):
     for step, batch in stream:
         if hooks is not None:
             hooks(step)
-        core.start_step(step)
-        core.observe_batch(batch, loss_of(model), epoch=0, batch_index=step)
-        loss = loss_of(model)(batch)
-        core.end_forward()
-        core.observe_loss(loss)
-        loss.backward()
-        core.before_optimizer_step(optimizer=opt)
-        opt.step()
-        opt.zero_grad()
-        core.after_optimizer_step()
-        core.end_step()
+        monitored_step(core, step, lambda: loss_of(model)(batch), opt,
+                       before_forward=lambda: core.observe_batch(batch, loss_of(model), epoch=0, batch_index=step))
