@@ -19,7 +19,7 @@ import torch
 
 from stabmon.kernels._workspace import scratch
 
-__all__ = ["LogitStats", "logit_stats", "logit_stats_chunked", "logit_stats_reference"]
+__all__ = ["LogitStats", "logit_stats", "logit_stats_chunked", "logit_stats_reference", "row_means"]
 
 # Logit elements converted to float32 at once by the chunked path (16 MB).
 DEFAULT_MAX_BLOCK_ELEMENTS = 1 << 22
@@ -56,6 +56,21 @@ def _row_stats(x: torch.Tensor, work_dtype: torch.dtype) -> tuple[torch.Tensor, 
 
 
 @torch.no_grad()
+def row_means(logits: torch.Tensor, *, max_block_elements: int = DEFAULT_MAX_BLOCK_ELEMENTS) -> torch.Tensor:
+    """The mean over the last dim, float32 (float64 stays float64), in blocks of rows: at most
+    ``max_block_elements`` are converted at a time (``torch.mean(x, dtype=torch.float32)``
+    makes a float32 copy of the whole tensor on the CPU)."""
+    _check_logits(logits)
+    v = logits.shape[-1]
+    rows = logits.reshape(-1, v)
+    work_dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    out = torch.empty(rows.shape[0], dtype=work_dtype, device=logits.device)
+    block = max(1, max_block_elements // v)
+    for r0 in range(0, rows.shape[0], block):
+        out[r0 : r0 + block] = rows[r0 : r0 + block].to(work_dtype).mean(dim=-1)
+    return out.reshape(logits.shape[:-1])
+
+
 def logit_stats_chunked(logits: torch.Tensor, *, max_block_elements: int = DEFAULT_MAX_BLOCK_ELEMENTS) -> LogitStats:
     """Torch path: blocks of rows converted to float32 (float64 stays float64)."""
     _check_logits(logits)

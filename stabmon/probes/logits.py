@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from stabmon.kernels import logit_stats
+from stabmon.kernels.logit_stats import row_means
 from stabmon.signals import SignalSet
 
 __all__ = ["LogitProbe"]
@@ -45,8 +46,8 @@ class LogitProbe:
         use = keep & finite
         # The mean and min over the vocabulary: the drift of the logits of tokens the data never
         # has (OLMo-core logs them too). Two more passes over the logits, on sampled steps only;
-        # the mean accumulates in float32 without a float32 copy of the logits.
-        mean_logit = torch.mean(logits, dim=-1, dtype=torch.float32)
+        # the mean in float32 over blocks of rows, never a float32 copy of all the logits.
+        mean_logit = row_means(logits).float()
         min_logit = logits.amin(dim=-1).float()
         part = {
             "lse_sum": torch.where(use, stats.lse, 0).sum(),

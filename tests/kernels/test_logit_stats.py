@@ -58,3 +58,16 @@ def test_non_finite_rows_give_nan_but_leave_other_rows_alone():
 def test_bad_input_names_the_argument(bad, match):
     with pytest.raises(ValueError, match=f"`logits`.*{match}"):
         logit_stats(bad)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+def test_row_means_in_blocks_match_float64(dtype):
+    from stabmon.kernels.logit_stats import row_means
+
+    gen = torch.Generator().manual_seed(5)
+    x = (torch.randn(3, 7, 53, generator=gen) * 30 - 40).to(dtype)
+    exact = x.double().mean(dim=-1)
+    got = row_means(x, max_block_elements=100)  # blocks of 1 row: every block boundary exercised
+    assert got.shape == (3, 7) and got.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    assert torch.allclose(got.double(), exact, rtol=1e-6, atol=1e-5)
+    assert torch.equal(row_means(x), row_means(x, max_block_elements=100))
