@@ -59,9 +59,13 @@ def failure_step(curve: list[float], reference: list[float], margin: float, star
 
 
 def run(example, lr: float, steps: int, observe_only: bool, qk_layernorm: bool = False, z_loss: float = 0.0,
-        intervention: InterventionConfig | None = None, seed: int = 1337) -> dict:
-    cfg = example.Config(lr=lr, max_steps=steps, grad_clip=0.0, sharpness_every=100, warmup_steps=20,
-                         qk_layernorm=qk_layernorm, z_loss=z_loss, seed=seed)
+        intervention: InterventionConfig | None = None, seed: int = 1337, setup: dict | None = None,
+        callbacks: tuple = ()) -> dict:
+    """One run of the example GPT; ``setup`` overrides fields of its ``Config`` (the model, the schedule);
+    ``callbacks`` are classes of more Lightning callbacks (made one per run)."""
+    fields = {"lr": lr, "max_steps": steps, "grad_clip": 0.0, "sharpness_every": 100, "warmup_steps": 20,
+              "qk_layernorm": qk_layernorm, "z_loss": z_loss, "seed": seed, **(setup or {})}
+    cfg = example.Config(**fields)
     pl.seed_everything(cfg.seed, verbose=False)
     train_loader, val_loader = example.make_data(cfg)
     module = example.GPTModule(cfg)
@@ -69,7 +73,8 @@ def run(example, lr: float, steps: int, observe_only: bool, qk_layernorm: bool =
                                observe_only=observe_only, verbose=False,
                                intervention=intervention or InterventionConfig())
     losses = LossRecorder()
-    trainer = pl.Trainer(max_steps=steps, accelerator="auto", devices=1, callbacks=[monitor, losses], logger=False,
+    trainer = pl.Trainer(max_steps=steps, accelerator="auto", devices=1,
+                         callbacks=[monitor, losses, *(make() for make in callbacks)], logger=False,
                          enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                          limit_val_batches=0)
     start = time.perf_counter()

@@ -47,6 +47,7 @@ class Config:
     lr: float = 2e-3  # peak AdamW learning rate
     min_lr: float = 2e-4  # floor of the cosine decay
     warmup_steps: int = 50  # linear warmup
+    schedule: str = "cosine"  # after the warmup: "cosine" (decay to min_lr) or "constant"
     weight_decay: float = 0.1  # AdamW weight decay on matrices
     beta1: float = 0.9  # AdamW beta1
     beta2: float = 0.95  # AdamW beta2
@@ -165,9 +166,11 @@ class GPTModule(pl.LightningModule):
             lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
         )
 
-        def lr_factor(step: int) -> float:  # linear warmup, cosine decay to min_lr
+        def lr_factor(step: int) -> float:  # linear warmup, then cosine decay to min_lr or constant
             if step < cfg.warmup_steps:
                 return (step + 1) / cfg.warmup_steps
+            if cfg.schedule == "constant":
+                return 1.0
             progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps))
             return (cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * progress))) / cfg.lr
 
@@ -299,6 +302,8 @@ def parse_args(argv: list[str]) -> Config:
             except ValueError:
                 raise SystemExit(f"--{key} takes a {kind.__name__}, got {value!r}") from None
         setattr(cfg, key, parsed)
+    if cfg.schedule not in ("cosine", "constant"):
+        raise SystemExit(f"--schedule takes cosine or constant, got {cfg.schedule!r}")
     if cfg.n_embd % cfg.n_head:
         raise SystemExit(f"--n_embd ({cfg.n_embd}) must be a multiple of --n_head ({cfg.n_head})")
     return cfg

@@ -121,15 +121,26 @@ def describe(value: Any) -> Any:
     return copy.deepcopy(value)
 
 
-def fingerprint(tensors: list[torch.Tensor]) -> torch.Tensor:
+def fingerprint(tensors: list[torch.Tensor], chunk: int = 1 << 22) -> torch.Tensor:
     """Three float64 statistics of the tensors (sum, position-weighted sum, sum of squares): equal
-    on two ranks when their states are, and unequal, in practice, when they are not."""
-    out = torch.zeros(3, dtype=torch.float64)
+    on two ranks when their states are, and unequal, in practice, when they are not.
+
+    Summed in float64 one chunk of ``chunk`` entries at a time (32 MiB), on the tensors' own
+    device: a 128k x 4096 embedding is not copied whole (4 GiB in float64), and a GPU is read
+    back once per device, not once per tensor."""
+    totals: dict[torch.device, torch.Tensor] = {}
     for i, t in enumerate(tensors):
-        if t.is_floating_point() or t.is_complex():
-            d = t.detach().double()
-            s = float(d.sum())
-            out += torch.tensor([s, s * (i + 1), float((d * d).sum())], dtype=torch.float64)
-        else:
-            out += torch.tensor([float(t.sum()), float(t.sum()) * (i + 1), float(t.numel())], dtype=torch.float64)
+        flat = t.detach().reshape(-1)
+        if flat.is_complex():
+            flat = torch.view_as_real(flat).reshape(-1)
+        acc = torch.zeros(3, dtype=torch.float64, device=flat.device)
+        for start in range(0, flat.numel(), chunk):
+            part = flat[start:start + chunk].double()
+            acc[0] += part.sum()
+            acc[2] += (part * part).sum() if t.is_floating_point() or t.is_complex() else part.numel()
+        acc[1] = acc[0] * (i + 1)
+        totals[flat.device] = totals[flat.device] + acc if flat.device in totals else acc
+    out = torch.zeros(3, dtype=torch.float64)
+    for acc in totals.values():
+        out += acc.cpu()
     return out

@@ -92,8 +92,11 @@ class InterventionConfig:
             cut, once a scale-down and a re-warm have been tried. Default 3.
         lr_cut_window: steps over which those warnings are counted. Default 500.
         rollback_lr_cut: a rollback also makes a lasting LR cut of ``lr_cut_factor`` (the state it
-            returns to blew up at this LR once). Default False: under measurement
-            (``benchmarks/lr_sweep.py --high``); a transient fault is no reason to cut the LR.
+            returns to blew up at this LR once; the cuts compound over rollbacks). Default True:
+            without it the LR climbs back to where the run blew up and every rollback but the
+            last is wasted (``benchmarks/lr_sweep.py --high``, README "Past lr 0.1"). A run that
+            rolls back for a transient fault pays with the halved LR; set False where faults, not
+            the LR, are the expected cause.
     """
 
     lr_factor: float = 0.5
@@ -119,7 +122,7 @@ class InterventionConfig:
     lr_cut_factor: float = 0.5
     lr_cut_after: int = 3
     lr_cut_window: int = 500
-    rollback_lr_cut: bool = False
+    rollback_lr_cut: bool = True
 
     def __post_init__(self) -> None:
         if not 0 < self.lr_factor < 1:

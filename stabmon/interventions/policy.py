@@ -14,8 +14,8 @@ The ladder, in the default configuration:
 * a **critical** finding (non-finite loss or gradient, a spike above the critical z-score)
   **skips the step** (parameters and optimizer state untouched);
 * ``rollback_after`` critical findings within ``window`` steps **roll back** to the last
-  healthy snapshot and skip the next ``skip_batches`` batches (with ``rollback_lr_cut``, also
-  a lasting LR cut by ``lr_cut_factor``: that state blew up at this LR once);
+  healthy snapshot, skip the next ``skip_batches`` batches and make a lasting LR cut by
+  ``lr_cut_factor`` (``rollback_lr_cut``, on by default: that state blew up at this LR once);
 * more than ``max_rollbacks`` rollbacks **stop** the run (with a checkpoint, in Lightning).
 
 At most ``max_actions_per_window`` actions are taken in any ``window`` steps (past the cap a

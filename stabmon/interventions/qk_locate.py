@@ -163,7 +163,8 @@ def _reaches(node: Any, targets: set[int], seen: set[int]) -> bool:
 def _refusal(name: str, what: str) -> NotClippable:
     if any(tag in name for tag in _NORMS):
         return NotClippable(f"{what} passes through a normalization ({name}, e.g. qk-layernorm): its logits are "
-                            "bounded by the norm gains and need no clip", kind="normalized")
+                            "bounded by the norm gains and need no clip (they still grow as the gains grow: the "
+                            "layer's signals stay watched, and its findings go to the LR rungs)", kind="normalized")
     return NotClippable(f"{what} passes through {name}, which is not linear in the weight")
 
 

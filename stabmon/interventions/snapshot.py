@@ -178,20 +178,32 @@ class Snapshotter:
         in host memory? One all-reduce of fingerprints and flags; the same answer on every rank."""
         from stabmon.memory import free_memory
 
-        live = self._live(model, optimizer)
-        tensors = [local_tensor(t) for t in all_tensors(live)]
-        need = sum(t.numel() * t.element_size() for t in tensors)
-        free = free_memory("cpu")
-        local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-        flags = [float(need > _HOST_SHARE * free), float(need * local_ranks > _HOST_SHARE * free)]
         dist = _dist()
+        local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        failure = None
+        device = next(iter(model.parameters()), torch.empty(0)).device  # where the collective's backend wants it
+        mine, flags = torch.zeros(3, dtype=torch.float64), [0.0, 0.0]
+        try:  # a rank that fails here must still join the all-reduce: its failure travels in it
+            live = self._live(model, optimizer)
+            tensors = [local_tensor(t) for t in all_tensors(live)]
+            need = sum(t.numel() * t.element_size() for t in tensors)
+            free = free_memory("cpu")
+            flags = [float(need > _HOST_SHARE * free), float(need * local_ranks > _HOST_SHARE * free)]
+            if dist is not None and not sharded:
+                mine = fingerprint(tensors)
+        except Exception as err:  # noqa: BLE001 - raised below, on every rank alike
+            if dist is None:
+                raise
+            failure = err
         if dist is None:
             self.replicated, too_big = False, bool(flags[0])
         else:
-            device = tensors[0].device if tensors else torch.device("cpu")
-            mine = fingerprint(tensors) if not sharded else torch.zeros(3, dtype=torch.float64)
-            stats = torch.cat([mine, -mine, torch.tensor(flags, dtype=torch.float64)]).to(device)
+            stats = torch.cat([mine, -mine, torch.tensor([*flags, float(failure is not None)],
+                                                         dtype=torch.float64)]).to(device)
             dist.all_reduce(stats, op=dist.ReduceOp.MAX)
+            if stats[8] > 0:
+                raise RuntimeError("the first snapshot could not be prepared on some rank" +
+                                   (f": {failure!r}" if failure is not None else " (this one was fine)"))
             self.replicated = not sharded and bool(torch.equal(stats[:3], -stats[3:6]))
             too_big = bool(stats[6] if self.replicated else stats[7])
         if too_big and self.directory is None:

@@ -21,6 +21,7 @@ from stabmon.probes.attention import AttentionProbe
 from stabmon.probes.capture import ForwardCapture
 from stabmon.probes.compiled import eager_view, is_compiled
 from stabmon.probes.logits import LogitProbe
+from stabmon.probes.qk_norm import QKNormGains
 from stabmon.probes.sharpness import SharpnessConfig, SharpnessProbe, buffers_preserved
 from stabmon.signals import SignalSet
 
@@ -70,6 +71,7 @@ class ForwardProbes:
         self.compiled_probe_rows = compiled_probe_rows
         self.guard = guard or FailSoft()
         self.attention = AttentionProbe() if attention else None
+        self.qk_gains = QKNormGains(model, self.layer_of_site) if attention else None
         self.logits = LogitProbe() if logits else None
         self.sharpness = SharpnessProbe(sharpness, memory_budget) if sharpness is not None else None
         self.listener: AttentionListener | None = None
@@ -115,6 +117,8 @@ class ForwardProbes:
 
     def _on_attention(self, q: torch.Tensor, k: torch.Tensor, *, module: str, **kwargs: Any) -> None:
         self.attention.observe(q, k, module=module, **kwargs)
+        if self.qk_gains is not None and self.qk_gains.wants(module):
+            self.guard.run("attention probe", self.qk_gains.capture, q, k, site=module)
         if self.listener is not None and not self.guard.off("qk-clip") and self.listener.wants(module):
             self.guard.run("qk-clip", self.listener.capture, q, k, site=module)
 
@@ -254,6 +258,8 @@ class ForwardProbes:
         through ``add(stage, fn, out)`` (the emission's guard: a stage that fails adds nothing)."""
         if self.sampled and self.attention is not None and not self.guard.off("attention probe"):
             add("attention probe", self.attention.signals, out, prefix="attention")
+            if self.qk_gains is not None and self.qk_gains.watched:
+                add("attention probe", self.qk_gains.signals, out)
         if self.sampled and self.logits is not None and not self.guard.off("logit probe"):
             add("logit probe", self.logits.signals, out, prefix="logits")
         if self._sharpness_values and not self.guard.off("sharpness probe"):

@@ -20,6 +20,8 @@ __all__ = ["WandbExtras"]
 _SUMMARIES = {
     "attention/entropy_min*": "min",
     "attention/max_logit*": "max",
+    "attention/q_gain_norm*": "max",
+    "attention/k_gain_norm*": "max",
     "logits/logz_max": "max",
     "logits/max_logit": "max",
     "logits/min_logit": "min",

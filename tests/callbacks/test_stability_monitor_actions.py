@@ -40,7 +40,7 @@ def test_repeated_critical_findings_roll_back_and_skip_batches():
     monitor = StabilityMonitor(intervention=cfg, **FAST)
     quiet_trainer(max_steps=27, callbacks=[monitor, Spy()]).fit(module, token_loader(n=400))
     names = [(a.step, a.name) for a in monitor.actions_taken]
-    assert names == [(21, "skip_step"), (22, "rollback")]
+    assert names == [(21, "skip_step"), (22, "rollback"), (22, "lr_cut")]  # the rollback halves the LR for good
     assert "rollback 1/3" in monitor.actions_taken[1].detail
     assert monitor.core.responder.snapshots.step == 20
     # steps 22 (the rollback) and 23-25 (skipped batches) left the weights at the snapshot

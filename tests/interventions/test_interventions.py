@@ -103,13 +103,14 @@ def test_snapshot_round_trip_keeps_current_lr(tmp_path):
         assert opt.param_groups[0]["lr"] == 0.03
 
 
-def test_a_rollback_can_cut_the_lr_for_good():
-    cfg = InterventionConfig(rollback_after=2, rollback_lr_cut=True, lr_cut_factor=0.25)
+def test_a_rollback_cuts_the_lr_for_good_by_default():
+    assert InterventionConfig().rollback_lr_cut
+    cfg = InterventionConfig(rollback_after=2, lr_cut_factor=0.25)
     policy = EscalationPolicy(cfg)
     policy.decide(30, [critical(30)], lr_reduced=False, snapshot_available=True)
     d = policy.decide(31, [critical(31)], lr_reduced=False, snapshot_available=True)
     assert d.rollback and d.lr_cut == 0.25 and [a.name for a in d.actions] == ["rollback", "lr_cut"]
-    plain = EscalationPolicy(InterventionConfig(rollback_after=2))
+    plain = EscalationPolicy(InterventionConfig(rollback_after=2, rollback_lr_cut=False))
     plain.decide(30, [critical(30)], lr_reduced=False, snapshot_available=True)
     assert plain.decide(31, [critical(31)], lr_reduced=False, snapshot_available=True).lr_cut is None
     with pytest.raises(ValueError, match="`rollback_lr_cut`"):
@@ -128,7 +129,7 @@ def test_ladder_escalates_and_does_not_loop():
     d = policy.decide(30, [critical(30)], lr_reduced=True, snapshot_available=True)
     assert d.skip_step and [a.name for a in d.actions] == ["skip_step"]
     d = policy.decide(31, [critical(31)], lr_reduced=True, snapshot_available=True)
-    assert d.rollback and d.skip_step and [a.name for a in d.actions] == ["rollback"]
+    assert d.rollback and d.skip_step and [a.name for a in d.actions] == ["rollback", "lr_cut"]
     assert all(policy.decide(s, [], lr_reduced=True, snapshot_available=True).skip_step for s in (32, 33, 34))
     assert not policy.decide(35, [], lr_reduced=True, snapshot_available=True).skip_step
     policy.decide(40, [critical(40)], lr_reduced=True, snapshot_available=True)

@@ -115,6 +115,33 @@ def test_a_failed_copy_is_no_snapshot(monkeypatch):
     assert not snap.available and not snap.restorable()
 
 
+def test_under_ddp_a_first_snapshot_that_fails_on_one_rank_fails_on_both_without_a_hang(tmp_path):
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1", "STABMON_TEST_FAIL_RANK": "1"}
+    script = Path(__file__).with_name("ddp_snapshot.py")
+    proc = subprocess.run([sys.executable, str(script), str(tmp_path)], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rank0, rank1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
+    assert "could not be prepared on some rank" in rank0["error"] and "this one was fine" in rank0["error"]
+    assert "no room for the fingerprint" in rank1["error"]
+
+
+def test_the_fingerprint_sums_in_chunks_what_a_whole_float64_copy_sums():
+    from stabmon.interventions._snapshot_copy import fingerprint
+
+    gen = torch.Generator().manual_seed(0)
+    tensors = [torch.randn(37, 11, generator=gen, dtype=torch.bfloat16), torch.arange(29),
+               torch.randn(13, generator=gen, dtype=torch.complex64), torch.randn(5, 3, generator=gen)]
+    expected = torch.zeros(3, dtype=torch.float64)
+    for i, t in enumerate(tensors):
+        d = (torch.view_as_real(t) if t.is_complex() else t).double()
+        square = (d * d).sum() if t.is_floating_point() or t.is_complex() else torch.tensor(float(t.numel()))
+        expected += torch.stack([d.sum(), d.sum() * (i + 1), square])
+    for chunk in (1, 7, 1 << 22):
+        torch.testing.assert_close(fingerprint(tensors, chunk=chunk), expected, rtol=1e-12, atol=1e-9)
+    assert not torch.equal(fingerprint(tensors), fingerprint([tensors[1], tensors[0], *tensors[2:]]))
+
+
 @pytest.mark.parametrize("on_disk", [False, True], ids=["memory", "disk"])
 def test_under_ddp_one_copy_on_rank_0_and_the_rollback_restores_both_ranks(tmp_path, on_disk):
     env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
