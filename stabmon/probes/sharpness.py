@@ -137,9 +137,7 @@ class SharpnessProbe:
         """The estimate's choices under the memory budget (see ``stabmon.memory.plan_sharpness``)."""
         cfg = self.config
         params = [p for p in model.parameters() if p.requires_grad]
-        device = local_tensor(params[0]).device if params else torch.device("cpu")
-        if self._budget_bytes is None:
-            self._budget_bytes = self.budget.resolve(device)
+        self._resolve_budget(params)
         local = sum(local_tensor(p).numel() for p in params)
         rows, seq_len = cfg.batch_size, max((a[1] for a in (attention or {}).values()), default=1)
         tokens = False  # whether the held batch's second dimension is the attention's sequence
@@ -154,6 +152,11 @@ class SharpnessProbe:
                               rows=rows, seq_len=seq_len, local_params=local,
                               sharded=any(is_dtensor(p) for p in params), shrinkable=self._held is not None,
                               shorter_sequences=tokens)
+
+    def _resolve_budget(self, params: list[torch.Tensor]) -> None:
+        if self._budget_bytes is None:
+            device = local_tensor(params[0]).device if params else torch.device("cpu")
+            self._budget_bytes = self.budget.resolve(device)
 
     def _measure_activations(self, model: torch.nn.Module, attention: dict[str, tuple[int, int, int]] | None) -> None:
         """Once, on one row of the held batch (at most 128 tokens): the bytes a forward saves for
@@ -225,7 +228,7 @@ class SharpnessProbe:
         if not params or (loss_fn is None and self._held is None):
             return {}
         sharded = any(is_dtensor(p) for p in params)
-        self.make_plan(model, attention)  # resolves the budget
+        self._resolve_budget(params)
         self._agree_on_budget(sharded)
         self._measure_activations(model, attention)
         plan = self.plan = self.make_plan(model, attention)
