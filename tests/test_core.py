@@ -193,5 +193,6 @@ def test_a_checkpoint_written_before_the_pipeline_loads():
     detectors = written["detectors"]  # and the slow-divergence detector, new since: fresh, and named
     assert detectors.pop("per_step_names")[-1] == "loss_drift"
     assert detectors["per_step"].pop()["values"] == []
+    assert written["policy"].pop("gradient_warnings") == []  # and the pending lone gradient spikes
     assert normal(written) == normal(saved)
     assert math.isnan(core.findings[-1].value)

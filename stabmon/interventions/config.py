@@ -91,6 +91,11 @@ class InterventionConfig:
         lr_cut_after: warnings of the same signal within ``lr_cut_window`` steps that make the
             cut, once a scale-down and a re-warm have been tried. Default 3.
         lr_cut_window: steps over which those warnings are counted. Default 500.
+        gradient_warnings_to_act: a gradient-norm spike warning that comes alone (no loss or other
+            warning at that step) acts only when it is this many within ``window`` steps. Default 2:
+            a lone spike the run absorbs by itself is reported, not acted on (two such in 20 healthy
+            runs of ``benchmarks/lr_sweep.py --high``); 1 acts on the first. Critical gradient-norm
+            spikes still skip the step.
         rollback_lr_cut: a rollback also makes a lasting LR cut of ``lr_cut_factor`` (the state it
             returns to blew up at this LR once; the cuts compound over rollbacks). Default True:
             without it the LR climbs back to where the run blew up and every rollback but the
@@ -123,6 +128,7 @@ class InterventionConfig:
     lr_cut_after: int = 3
     lr_cut_window: int = 500
     rollback_lr_cut: bool = True
+    gradient_warnings_to_act: int = 2
 
     def __post_init__(self) -> None:
         if not 0 < self.lr_factor < 1:
@@ -154,3 +160,4 @@ class InterventionConfig:
             raise ValueError(f"`lr_cut_factor` must be in (0, 1), got {self.lr_cut_factor!r}")
         check_positive_int("lr_cut_after", self.lr_cut_after)
         check_positive_int("lr_cut_window", self.lr_cut_window)
+        check_positive_int("gradient_warnings_to_act", self.gradient_warnings_to_act)

@@ -214,3 +214,25 @@ def test_lasting_cut_is_scheduler_safe_and_survives_a_checkpoint():
     fresh = LRController()
     fresh.load_state_dict(copy.deepcopy(controller.state_dict()))
     assert fresh.factor(50) == 0.5
+
+
+def test_a_lone_gradient_norm_spike_is_reported_and_the_second_acts():
+    def grad(step):
+        return Finding(step, "gradients/norm", "warning", 6.1, 4.6, "spike", "grad_spike")
+
+    policy = EscalationPolicy(InterventionConfig(window=100))
+    assert policy.decide(238, [grad(238)], lr_reduced=False, snapshot_available=True).actions == []
+    resumed = EscalationPolicy(InterventionConfig(window=100))
+    resumed.load_state_dict(copy.deepcopy(policy.state_dict()))  # the pending spike survives a restart
+    for p in (policy, resumed):
+        d = p.decide(300, [grad(300)], lr_reduced=False, snapshot_available=True)
+        assert [a.name for a in d.actions] == ["scale_lr"] and "gradients/norm" in d.actions[0].detail
+    far = EscalationPolicy(InterventionConfig(window=100))
+    far.decide(10, [grad(10)], lr_reduced=False, snapshot_available=True)
+    assert far.decide(200, [grad(200)], lr_reduced=False, snapshot_available=True).actions == []  # 190 steps apart
+    with_loss = EscalationPolicy(InterventionConfig())
+    assert with_loss.decide(5, [grad(5), warning(5)], lr_reduced=False, snapshot_available=True).scale_lr == 0.5
+    eager = EscalationPolicy(InterventionConfig(gradient_warnings_to_act=1))
+    assert eager.decide(5, [grad(5)], lr_reduced=False, snapshot_available=True).scale_lr == 0.5
+    with pytest.raises(ValueError, match="`gradient_warnings_to_act`"):
+        InterventionConfig(gradient_warnings_to_act=0)
