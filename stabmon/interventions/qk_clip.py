@@ -49,7 +49,7 @@ from stabmon.interventions.config import QKClipOverride
 from stabmon.interventions.qk_layer import ArmedLayer
 from stabmon.interventions.qk_locate import NotClippable, QKLocation, locate_qk
 from stabmon.kernels import attention_max_logit  # noqa: F401  (the module docstring's example uses it)
-from stabmon.probes.compiled import canonical_name, get_parameter, get_submodule
+from stabmon.probes.compiled import canonical_name, get_parameter, names_in_forward
 from stabmon.signals import AllReduce, SignalSet, active_all_reduce
 
 __all__ = ["QKClipper"]
@@ -123,12 +123,7 @@ class QKClipper:
             self._names = {pid: ns[0] for pid, ns in names.items()}
             self._shared = {pid: ns for pid, ns in names.items()
                             if len({n.rsplit(".", 2)[0] for n in ns}) > 1}
-        # The calling module's parameters as they are registered right now, inside its forward:
-        # FSDP2 puts the unsharded parameters (the leaves of q's graph) there only for the forward.
-        module_name = site.partition("#")[0]
-        prefix = f"{module_name}." if module_name else ""
-        local = {id(p): canonical_name(prefix + n) for n, p in get_submodule(self.model, module_name).named_parameters()}
-        self._locate(site, q, k, {**self._names, **local})
+        self._locate(site, q, k, names_in_forward(self.model, site, self._names))
 
     def _locate(self, site: str, q: torch.Tensor, k: torch.Tensor, names: dict[int, str]) -> None:
         module = site.partition("#")[0]

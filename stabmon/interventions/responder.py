@@ -288,9 +288,8 @@ class Responder:
 
     # -- around the optimizer step ----------------------------------------------------------------
     def before_optimizer_step(self, step: int, optimizer: torch.optim.Optimizer | None) -> None:
-        """Multiply the LR the scheduler set by the factor in force, for this step only."""
-        if self.snapshots is not None and self.snapshots.busy:  # the weights are about to change
-            self.guard.run("snapshot", self.snapshots.wait, agreed=True)
+        """Multiply the LR the scheduler set by the factor in force, for this step only. (A snapshot
+        copy in flight was waited for in ``preflight``, earlier in the same step.)"""
         if optimizer is not None:
             self.optimizer = optimizer
             if not self.observe_only and self.lr_control.changed:  # (no rung yet: the factor is 1)

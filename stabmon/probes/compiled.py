@@ -128,6 +128,17 @@ def get_submodule(model: torch.nn.Module, name: str) -> torch.nn.Module:
         raise
 
 
+def names_in_forward(model: torch.nn.Module, site: str, model_names: dict[int, str]) -> dict[int, str]:
+    """``id(parameter) -> canonical name`` as seen inside the forward of the call site's module:
+    ``model_names`` (the model's parameters, built once by the caller) and the module's own
+    parameters as registered right now (FSDP2 puts the unsharded parameters, the leaves of the
+    forward's graph, there only for the forward)."""
+    module_name = site.partition("#")[0]
+    prefix = f"{module_name}." if module_name else ""
+    local = {id(p): canonical_name(prefix + n) for n, p in get_submodule(model, module_name).named_parameters()}
+    return {**model_names, **local}
+
+
 def get_parameter(model: torch.nn.Module, name: str) -> torch.nn.Parameter:
     """``model.get_parameter(name)`` for a canonical name (compiled wrappers skipped)."""
     try:

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from stabmon.distributed import is_dtensor, local_tensor, square_weight
-from stabmon.probes.compiled import canonical_name, get_parameter, get_submodule
+from stabmon.probes.compiled import canonical_name, get_parameter, names_in_forward
 from stabmon.signals import SignalSet
 
 __all__ = ["QKNormGains", "norm_gains"]
@@ -83,17 +83,16 @@ class QKNormGains:
     def __init__(self, model: torch.nn.Module, layer_names: Callable[[str], str]) -> None:
         self.model, self.layer_names = model, layer_names
         self.sites: dict[str, tuple[list[str], list[str]] | None] = {}  # None: looked, not normalized
+        self._model_names: dict[int, str] | None = None  # built at the first capture
 
     def wants(self, site: str) -> bool:
         return site not in self.sites
 
     def capture(self, q: torch.Tensor, k: torch.Tensor, *, site: str) -> None:
         """At a sampled forward, inside it (FSDP2's unsharded parameters are registered then)."""
-        module_name = site.partition("#")[0]
-        prefix = f"{module_name}." if module_name else ""
-        names = {id(p): canonical_name(n) for n, p in self.model.named_parameters()}
-        names.update({id(p): canonical_name(prefix + n)
-                      for n, p in get_submodule(self.model, module_name).named_parameters()})
+        if self._model_names is None:
+            self._model_names = {id(p): canonical_name(n) for n, p in self.model.named_parameters()}
+        names = names_in_forward(self.model, site, self._model_names)
         found = [[names[id(g)] for g in norm_gains(t) if id(g) in names] for t in (q, k)]
         self.sites[site] = (found[0], found[1]) if found[0] or found[1] else None
 

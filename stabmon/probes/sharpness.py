@@ -139,11 +139,9 @@ class SharpnessProbe:
         params = [p for p in model.parameters() if p.requires_grad]
         self._resolve_budget(params)
         local = sum(local_tensor(p).numel() for p in params)
-        rows, seq_len = cfg.batch_size, max((a[1] for a in (attention or {}).values()), default=1)
-        tokens = False  # whether the held batch's second dimension is the attention's sequence
+        rows, (seq_len, tokens) = cfg.batch_size, self._sequence(attention)
         if self._held is not None:
             rows = batch_rows(self._held[0]) or rows
-            tokens = _sequence_length(self._held[0]) == seq_len and seq_len > 1
         measured = self._activation_bytes_per_token  # per token, or per row where rows are not token sequences
         if measured is not None and not tokens:
             measured = -(-measured // seq_len)
@@ -152,6 +150,13 @@ class SharpnessProbe:
                               rows=rows, seq_len=seq_len, local_params=local,
                               sharded=any(is_dtensor(p) for p in params), shrinkable=self._held is not None,
                               shorter_sequences=tokens)
+
+    def _sequence(self, attention: dict[str, tuple[int, int, int]] | None) -> tuple[int, bool]:
+        """The attention's query length, and whether the held batch's second dimension is it (its
+        rows are token sequences, which a shorter sequence can cut)."""
+        seq_len = max((a[1] for a in (attention or {}).values()), default=1)
+        tokens = self._held is not None and _sequence_length(self._held[0]) == seq_len and seq_len > 1
+        return seq_len, tokens
 
     def _resolve_budget(self, params: list[torch.Tensor]) -> None:
         if self._budget_bytes is None:
@@ -165,8 +170,7 @@ class SharpnessProbe:
         if self._held is None or self._activation_bytes_per_token is not None:
             return
         batch, loss_of = self._held
-        seq_len = max((a[1] for a in (attention or {}).values()), default=1)
-        tokens = _sequence_length(batch) == seq_len and seq_len > 1
+        seq_len, tokens = self._sequence(attention)
         sample = head_of_batch(batch, 1, max_len=min(seq_len, 128) if tokens else None)
         count = (_sequence_length(sample) or 1) if tokens else 1
         params = [p for p in model.parameters()]
